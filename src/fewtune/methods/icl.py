@@ -1,0 +1,73 @@
+"""Zero-shot and in-context learning: no training, the prompt carries the task.
+
+Demonstrations come from the run's few-shot sample (so ICL sees exactly the labelled examples the
+fine-tuning methods see), balanced across labels and ordered by the data seed, joined with the
+task's separator (llmft: " " for CoLA, "\\n\\n" for MNLI). An eval example whose prompt exceeds the
+context is skipped and counted, never truncated. No calibration (as llmft).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import Field
+
+from ..config import StrictModel
+from ..sampling import balanced_demonstrations
+from ..scoring import score_prompts
+from ..tasks.base import Example
+from .base import Method, Predictions, register
+
+
+class ICLParams(StrictModel):
+    k: int | None = Field(None, ge=1, description="demonstrations (balanced); default: the whole few-shot sample")
+    prefix_cache: bool = Field(True, description="encode the shared demonstrations once (KV cache)")
+
+
+@register
+class ZeroShot(Method):
+    name = "zero-shot"
+    summary = "the pattern alone, no demonstrations, no training"
+
+    def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
+        ctx = self.ctx
+        scores = score_prompts(
+            ctx.lm.model, ctx.lm.tokenizer, ctx.queries(examples), ctx.verbalizer.token_ids,
+            batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
+            precision=ctx.precision, on_batch=on_batch,
+        )
+        return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
+
+
+def demonstration_prefix(ctx, demos: list[Example]) -> str:
+    """The demonstrations, joined by the task's separator; queries are appended after a separator."""
+    sep = ctx.task.icl_separator
+    return sep.join(ctx.pattern.demonstration(e.fields, e.label) for e in demos)
+
+
+@register
+class ICL(Method):
+    name = "icl"
+    summary = "k labelled demonstrations in the prompt (from the few-shot sample), no training"
+    Params = ICLParams
+
+    demos: list[Example]
+
+    def fit(self, sample: list[Example]) -> None:
+        k = self.params.k or len(sample)
+        self.demos = balanced_demonstrations(sample, k, self.ctx.cfg.seed, self.ctx.task.num_labels)
+        return None
+
+    def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
+        ctx = self.ctx
+        prefix = demonstration_prefix(ctx, self.demos)
+        queries = [ctx.task.icl_separator + q for q in ctx.queries(examples)]
+        scores = score_prompts(
+            ctx.lm.model, ctx.lm.tokenizer, queries, ctx.verbalizer.token_ids,
+            prefix=prefix, batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
+            precision=ctx.precision, on_batch=on_batch,
+        )
+        return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
+
+    def describe(self) -> dict:
+        return {"demonstration_ids": [e.id for e in self.demos]}

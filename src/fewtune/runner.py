@@ -1,0 +1,224 @@
+"""One experiment, end to end: data → few-shot sample → method → scores → metrics → files.
+
+``run_experiment`` is the single entry point used by the CLI's ``run`` and by studies. Output is
+written to a temporary sibling directory and renamed into place at the end, so a failed or
+killed run never leaves a partial result behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .config import RunConfig, resolve
+from .errors import ConfigError, FewtuneError
+from .methods import METHODS, Method, Predictions, RunContext
+from .metrics import accuracy, eval_set_metrics, mcc
+from .models import device, load_model, resolve_precision
+from .prompts import verbalizer_token_ids
+from .resources import ResourceMeter
+from .sampling import few_shot_sample, stratified_subsample
+from .tasks import get_task, load_eval, load_train
+from .tasks.base import Example, Task
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    metrics: dict
+    out_dir: Path | None
+
+
+@dataclass
+class EvalData:
+    name: str
+    examples: list[Example]
+    domain: str
+    warning: str | None
+    group_fields: tuple[str, ...]
+    full_size: int
+
+
+def load_eval_sets(task: Task, cfg: RunConfig, data_dir: Path | None) -> list[EvalData]:
+    out = []
+    for name in cfg.eval_sets or []:
+        split = task.eval_split(name)
+        full = load_eval(task, name, data_dir)
+        exs = stratified_subsample(full, cfg.eval_limit, cfg.eval_seed) if cfg.eval_limit else full
+        domain = "id" if name in task.in_domain else "ood"
+        out.append(EvalData(name, exs, domain, split.warning, split.group_fields, len(full)))
+    return out
+
+
+def _progress_task(progress, description: str, total: int):
+    if progress is None:
+        return None, None
+    tid = progress.add_task(description, total=total)
+    return tid, (lambda k: progress.advance(tid, k))
+
+
+def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> dict[str, Predictions]:
+    preds = {}
+    for ev in evals:
+        tid, advance = _progress_task(progress, f"  eval {ev.name}", len(ev.examples))
+        preds[ev.name] = method.predict(ev.examples, on_batch=advance)
+        if tid is not None:
+            progress.remove_task(tid)
+    return preds
+
+
+def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> RunResult:
+    """Run one experiment; write its files to ``out_dir`` (atomically) if given."""
+    cfg = resolve(cfg)
+    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        if not (Path(out_dir) / "metrics.json").exists():
+            raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
+    task = get_task(cfg.task)
+    pattern = task.pattern(cfg.pattern)
+    dev = device()
+    meter = ResourceMeter(dev)
+    started = time.time()
+
+    with meter.phase("prepare"):
+        pool = load_train(task, data_dir)
+        sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
+        evals = load_eval_sets(task, cfg, data_dir)
+        torch.manual_seed(cfg.model_seed)
+        lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
+        verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
+        precision = resolve_precision(cfg.precision, dev)
+        cfg = _clip_context(cfg, lm.max_positions)
+
+    ctx = RunContext(cfg, task, pattern, lm, verbalizer, precision, dev, meter, train_pool=pool,
+                     data_dir=data_dir, progress=progress)
+    method = METHODS.get(cfg.method)(ctx, METHODS.get(cfg.method).Params.model_validate(cfg.params))
+    ctx.evaluate = lambda: _curve_point(method, evals, task)
+
+    torch.manual_seed(cfg.model_seed)
+    with meter.phase("train"):
+        train_summary = method.fit(sample.examples)
+    if train_summary and train_summary.get("train_tokens"):
+        meter.add_tokens("train", int(train_summary["train_tokens"]))
+    with meter.phase("eval"):
+        preds = predict_eval_sets(method, evals, progress)
+    meter.add_tokens("eval", sum(p.tokens for p in preds.values()))
+
+    metrics = {
+        "run_id": cfg.content_hash(),
+        "task": task.name,
+        "method": cfg.method,
+        "model": cfg.model,
+        "model_name": lm.name,
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "pattern": pattern.name,
+        "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
+        "eval": {},
+        "curve": (train_summary or {}).get("curve", []),
+        "train": _train_block(train_summary),
+        "resources": meter.report(method.model, precision, method.optimizer_steps),
+        "method_info": getattr(method, "describe", lambda: {})(),
+        "notes": list(task.notes),
+        "warnings": list(method.warnings()),
+        "started_at": started,
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    for ev in evals:
+        p = preds[ev.name]
+        m = eval_set_metrics(
+            np.array([e.label for e in ev.examples]), p.pred, p.skipped, task.label_names,
+            groups={f: [e.groups.get(f, "") for e in ev.examples] for f in ev.group_fields},
+            outside_verbalizer=p.outside_verbalizer,
+        )
+        m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
+        metrics["eval"][ev.name] = m
+        if ev.warning:
+            metrics["warnings"].append(f"{ev.name}: {ev.warning}")
+        if m["n_skipped"]:
+            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {cfg.max_context} tokens)")
+
+    if out_dir is not None:
+        write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
+    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def _clip_context(cfg: RunConfig, max_positions: int | None) -> RunConfig:
+    if max_positions and cfg.max_context > max_positions:
+        return cfg.model_copy(update={"max_context": max_positions})
+    return cfg
+
+
+def _train_block(summary: dict | None) -> dict | None:
+    if not summary:
+        return None
+    return {k: v for k, v in summary.items() if k not in ("curve", "train_tokens")}
+
+
+def _curve_point(method: Method, evals: list[EvalData], task: Task) -> dict:
+    out = {}
+    for ev, p in zip(evals, predict_eval_sets(method, evals).values()):
+        gold = np.array([e.label for e in ev.examples])
+        keep = ~p.skipped
+        out[ev.name] = {"accuracy": accuracy(gold[keep], p.pred[keep]), "mcc": mcc(gold[keep], p.pred[keep], task.num_labels)}
+    return out
+
+
+def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
+              preds: dict[str, Predictions], task: Task, tokenizer) -> None:
+    """Write all run files into a temp dir next to ``out_dir`` and rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for ev in evals:
+                p = preds[ev.name]
+                for i, e in enumerate(ev.examples):
+                    row = {
+                        "eval_set": ev.name, "id": e.id, "gold": e.label,
+                        "pred": int(p.pred[i]), "skipped": bool(p.skipped[i]),
+                        "label_logprobs": [None if not math.isfinite(v) else round(float(v), 6) for v in p.label_scores[i]],
+                    }
+                    if p.full_argmax_token is not None and not p.skipped[i]:
+                        row["full_argmax"] = tokenizer.convert_ids_to_tokens(int(p.full_argmax_token[i]))
+                        row["outside_verbalizer"] = bool(p.outside_verbalizer[i])
+                    if e.groups:
+                        row["groups"] = e.groups
+                    f.write(json.dumps(row) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, allow_nan=False))
+        for p in tmp.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _clean(x):
+    """NaN/inf → None so metrics.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+__all__ = ["RunResult", "run_experiment", "FewtuneError"]
