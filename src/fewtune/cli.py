@@ -31,8 +31,21 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        node[parts[-1]] = parse_value(raw)
     return out
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalars/lists, plus "1e-4" as a float (YAML 1.1 reads it as a string)."""
+    if raw == "":
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: dict, over: dict) -> dict:
