@@ -142,11 +142,20 @@ def tiny_config(tokenizer, layers: int = 4, hidden: int = 64):
     )
 
 
+def quiet_transformers() -> None:
+    """Progress bars and notices from transformers would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None = None) -> LoadedModel:
     """Load a causal LM in fp32 (mixed precision is applied by autocast, not by casting weights)."""
     from transformers import AutoModelForCausalLM
 
     dev = dev or device()
+    quiet_transformers()
     tok = load_tokenizer(spec)
     if spec == TINY_RANDOM:
         torch.manual_seed(seed)

@@ -123,8 +123,9 @@ class ResourceMeter:
             return torch.cuda.max_memory_allocated(self.dev) / 2**20
         return peak_rss_mb()
 
-    def report(self, model: torch.nn.Module, precision: str, optimizer_steps: int) -> dict:
+    def report(self, model: torch.nn.Module, precision: str, optimizer_steps: int, trains: bool = True) -> dict:
         trainable, total = count_parameters(model)
+        trainable = trainable if trains else 0
 
         def rate(name: str) -> float | None:
             t = self.timings.get(name)

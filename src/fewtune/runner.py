@@ -126,7 +126,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "eval": {},
         "curve": (train_summary or {}).get("curve", []),
         "train": _train_block(train_summary),
-        "resources": meter.report(method.model, precision, method.optimizer_steps),
+        "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(task.notes),
         "warnings": list(method.warnings()),

@@ -73,6 +73,8 @@ class Method(ABC):
     summary: ClassVar[str] = ""
     Params: ClassVar[type[StrictModel]] = NoParams
     uses_lm_head: ClassVar[bool] = True
+    # Whether ``fit`` updates weights; a method that trains nothing reports 0 trainable parameters.
+    trains: ClassVar[bool] = True
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

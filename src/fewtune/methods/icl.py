@@ -28,6 +28,7 @@ class ICLParams(StrictModel):
 class ZeroShot(Method):
     name = "zero-shot"
     summary = "the pattern alone, no demonstrations, no training"
+    trains = False
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
         ctx = self.ctx
@@ -50,6 +51,7 @@ class ICL(Method):
     name = "icl"
     summary = "k labelled demonstrations in the prompt (from the few-shot sample), no training"
     Params = ICLParams
+    trains = False
 
     demos: list[Example]
 
