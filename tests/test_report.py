@@ -1,0 +1,191 @@
+"""The report on a synthetic study directory: sections, table rows, plots, CSVs, warnings, claims."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_stats import make_run
+
+from fewtune import report as rp
+from fewtune.errors import ConfigError
+from fewtune.store import Store
+
+SECTIONS = ["Warnings", "Claims of the study", "Results", "Plots", "Paired comparisons with vanilla fine-tuning",
+            "ID vs OOD gap", "Resources", "Failed runs", "How to read this report"]
+METHODS = ("icl", "vanilla", "pbft", "adaptive", "lora", "distill")
+
+
+def _write_hans_predictions(run_dir: Path, ent_acc: float, non_acc: float, per: int = 20) -> None:
+    """predictions.jsonl with 'per' examples per heuristic × label and the given accuracies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for h in rp.HANS_HEURISTICS:
+        for gold, acc in ((0, ent_acc), (1, non_acc)):
+            for i in range(per):
+                pred = gold if i < round(acc * per) else 1 - gold
+                lines.append(json.dumps({"eval_set": "hans", "id": f"hans:{h}{gold}{i}", "gold": gold, "pred": pred, "skipped": False,
+                                         "groups": {"heuristic": h, "subcase": "x", "template": "t"}}))
+    lines.append(json.dumps({"eval_set": "mnli-m", "id": "m:1", "gold": 0, "pred": 0, "skipped": False}))
+    (run_dir / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def build_study(root: Path, runs, failed=(), pending=()) -> Path:
+    """A study directory as run_study leaves it, from synthetic (run id, config, metrics) triples."""
+    with Store(root) as s:
+        s.set_meta("study", json.dumps({"name": "synthetic", "description": "a test study", "source": "test"}))
+        all_runs = [*runs, *failed, *pending]
+        s.register((rid, cfg) for rid, cfg, _ in all_runs)
+        s.set_meta("study_run_ids", json.dumps([rid for rid, _, _ in all_runs]))
+        for rid, cfg, m in runs:
+            s.mark_running(rid)
+            if cfg["task"] == "mnli":
+                _write_hans_predictions(root / "runs" / rid, 0.95 if cfg["method"] == "vanilla" else 0.6, 0.1 if cfg["method"] == "vanilla" else 0.4)
+            s.mark_done(rid, m, f"runs/{rid}")
+        for rid, _, _ in failed:
+            s.mark_running(rid)
+            s.mark_failed(rid, "TrainingDiverged: training loss became NaN at step 3")
+    return root
+
+
+def _full_runs():
+    runs = []
+    for task in ("cola", "mnli"):
+        for mi, method in enumerate(METHODS):
+            for n in (2, 16):
+                for seed in range(3):
+                    base = 0.55 + 0.02 * mi + 0.01 * seed + (0.03 if n == 16 else 0)
+                    runs.append(make_run(task, method, n, seed, (base, base - 0.05),
+                                         memory=400 + 50 * mi, trainable=0 if method == "icl" else 10 ** (mi + 2),
+                                         n_skipped=3 if method == "icl" and n == 16 else 0))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    failed = [make_run("cola", "lora", 64, 0, (0.5, 0.5))]
+    pending = [make_run("cola", "lora", 64, 1, (0.5, 0.5))]
+    build_study(root, _full_runs(), failed, pending)
+    return root, rp.write_report(root)
+
+
+def _md_table_after(md: str, caption: str) -> list[list[str]]:
+    """Rows (cells) of the Markdown table right after '*caption*'."""
+    block = md.split(f"*{caption}*\n", 1)[1].strip().split("\n\n", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines if not l.startswith("|---")]
+
+
+def test_report_has_every_section(full_report) -> None:
+    root, paths = full_report
+    md = paths.markdown.read_text()
+    headings = re.findall(r"^#+ (.+)$", md, flags=re.M)
+    for s in SECTIONS:
+        assert s in headings, s
+    assert "HANS per heuristic and label (tiny-random)" in headings
+    assert headings[0] == "Study report: synthetic"
+    page = paths.html.read_text()
+    for s in SECTIONS:
+        assert f">{s}</h2>" in page
+
+
+def test_results_tables_hold_expected_rows(full_report) -> None:
+    _, paths = full_report
+    md = paths.markdown.read_text()
+    table = _md_table_after(md, "cola-id (ID) accuracy")
+    assert table[0] == ["method", "n=2", "n=16"]
+    assert [r[0] for r in table[1:]] == ["majority baseline", *METHODS]
+    assert table[1][1:] == ["0.690", "0.690"]
+    vanilla = table[2 + 1]
+    # vanilla (mi=1), n=2: 0.57, 0.58, 0.59 → mean 0.580, CI half-width t(.975,2)·0.01/√3 = 0.025
+    assert vanilla[1] == "0.580 ± 0.025 (3)"
+    assert _md_table_after(md, "cola-id (ID) MCC")[1][0] == "majority baseline"
+    assert _md_table_after(md, "cola-ood (OOD) accuracy")
+    assert [r[0] for r in _md_table_after(md, "hans (OOD) accuracy")][:2] == ["method", "majority / chance"]
+    assert "mnli-m (ID) MCC" not in md  # MCC tables only for CoLA
+
+
+def test_plots_are_nonempty_pngs_and_embedded(full_report) -> None:
+    root, paths = full_report
+    names = sorted(p.name for p in paths.figures)
+    assert "acc_vs_n_tiny-random_cola.png" in names and "id_vs_ood_tiny-random_mnli.png" in names
+    assert "pareto_tiny-random_cola_cola-id.png" in names and "hans_tiny-random.png" in names
+    import matplotlib.image as mpimg
+
+    for p in paths.figures:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
+        img = mpimg.imread(p)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0.01  # not a blank canvas
+    page = paths.html.read_text()
+    assert page.count("src='data:image/png;base64,") == len(paths.figures)
+    assert not re.search(r"src=['\"](?!data:)", page)  # nothing external
+    md = paths.markdown.read_text()
+    assert md.count("](figures/") == len(paths.figures)
+
+
+def test_csv_exports(full_report) -> None:
+    _, paths = full_report
+    with open(paths.csv_dir / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 2 * 6 * 2 * 3 * 2  # tasks × methods × n × seeds × eval sets
+    with open(paths.csv_dir / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    cola_id_acc = [r for r in summary if r["task"] == "cola" and r["eval_set"] == "cola-id" and r["metric"] == "accuracy"]
+    assert len(cola_id_acc) == 1 + 6 * 2  # majority row + arms × n
+    with open(paths.csv_dir / "paired.csv") as f:
+        paired = list(csv.DictReader(f))
+    assert {r["arm_b"] for r in paired} == {"vanilla"}
+    assert len(paired) == 2 * 2 * 2 * 5  # tasks × n × eval sets × other methods
+    with open(paths.csv_dir / "claims.csv") as f:
+        assert {r["claim"] for r in csv.DictReader(f)} == {"cd-beats-ft", "pbft-worse-ood", "efficient-comparable", "ft-icl-similar"}
+    hans = paths.csv_dir / "hans_tiny-random.csv"
+    with open(hans) as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "vanilla" and r["n"] == "2"]
+    by_col = {r["column"]: float(r["mean"]) for r in rows}
+    assert by_col["lexical_overlap / entailment"] == pytest.approx(0.95)
+    assert by_col["constituent / non-entailment"] == pytest.approx(0.10)
+
+
+def test_claims_and_warnings(full_report) -> None:
+    _, paths = full_report
+    md = paths.markdown.read_text()
+    claims = md.split("## Claims of the study", 1)[1].split("## Results", 1)[0]
+    # distill (mi=5) is 0.06 above vanilla on every sample: a degenerate but clear "supported"
+    assert "| supported |" in claims
+    assert "paired t-test" in claims and "Wilcoxon" in claims
+    warnings = md.split("## Warnings", 1)[1].split("## Claims", 1)[0]
+    assert "incomplete" in warnings and "1 failed" in warnings
+    assert "indistinguishable from the majority baseline" in warnings
+    assert "eval examples skipped" in warnings
+    failed = md.split("## Failed runs", 1)[1].split("##", 1)[0]
+    assert "TrainingDiverged" in failed
+
+
+def test_eval_set_overlap_warning_and_single_runs(tmp_path: Path) -> None:
+    runs = []
+    for m in ("vanilla", "pbft"):
+        rid, cfg, met = make_run("cola", m, 16, 0, (0.7, 0.6))
+        met["eval"]["cola-glue-dev"] = {**met["eval"].pop("cola-id"), "warning": "cola-glue-dev contains the 516 out-of-domain sentences"}
+        met["eval"] = dict(sorted(met["eval"].items()))
+        runs.append((rid, cfg, met))
+    paths = rp.write_report(build_study(tmp_path, runs))
+    md = paths.markdown.read_text()
+    assert "Eval set `cola-glue-dev`: cola-glue-dev contains the 516 out-of-domain sentences" in md
+    assert "single run" in md
+    assert "0.700 (1 run)" in md
+    claims = md.split("## Claims of the study", 1)[1].split("## Results", 1)[0]
+    assert claims.count("| not enough data |") == 4
+
+
+def test_report_on_empty_and_missing_study(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a study directory"):
+        rp.write_report(tmp_path / "nothing")
+    paths = rp.write_report(build_study(tmp_path, [], pending=[make_run("cola", "icl", 2, 0, (0.5, 0.5))]))
+    md = paths.markdown.read_text()
+    assert "0 done" in md and "not enough data" in md

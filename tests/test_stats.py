@@ -1,0 +1,248 @@
+"""Statistics on hand-computed numbers: summaries, t-intervals, paired tests, gaps, Pareto, claims.
+
+Also home of ``make_run``, a synthetic metrics.json factory (the runner's schema) shared with
+test_report.py: statistics must be testable on known numbers, without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from fewtune import stats as st
+
+# ---------------------------------------------------------------------------------------------
+# synthetic runs
+
+EVAL_SETS = {"cola": (("cola-id", "id", 0.69), ("cola-ood", "ood", 0.686)), "mnli": (("mnli-m", "id", 0.52), ("hans", "ood", 0.5))}
+
+
+def make_run(task: str, method: str, n: int, seed: int, accs: tuple[float, float], *, model: str = "tiny-random",
+             params: dict[str, Any] | None = None, lr: float = 1e-5, n_eval: int = 100, n_skipped: int = 0,
+             memory: float = 500.0, trainable: int = 1000, mcc: float = 0.1) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(run id, resolved config dict, metrics dict) in the runner's schema, with chosen accuracies."""
+    params = params or {}
+    cfg = {"task": task, "method": method, "model": model, "n": n, "seed": seed, "params": params, "pattern": "minimal",
+           "eval_sets": [e for e, _, _ in EVAL_SETS[task]], "model_seed": 0, "train": {"lr": lr, "epochs": 40}}
+    rid = f"{task}-{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}-{lr}-{n}-{seed}-{model}"
+    ev = {}
+    for (name, domain, majority), acc in zip(EVAL_SETS[task], accs):
+        groups = {}
+        if name == "hans":
+            groups = {"heuristic": {h: {"n": n_eval // 3, "accuracy": acc} for h in ("lexical_overlap", "subsequence", "constituent")}}
+        ev[name] = {
+            "domain": domain, "n": n_eval, "n_skipped": n_skipped, "accuracy": acc, "mcc": mcc,
+            "majority_label": "acceptable", "majority_baseline": majority,
+            "per_label": {"a": {"n": n_eval // 2, "accuracy": acc}, "b": {"n": n_eval // 2, "accuracy": acc}},
+            "groups": groups, "full_vocab_accuracy": None, "frac_outside_verbalizer": None,
+            "warning": "overlaps cola-ood" if name == "cola-glue-dev" else None,
+        }
+    metrics = {
+        "run_id": rid, "task": task, "method": method, "model": model, "model_name": "tiny random Llama", "n": n, "seed": seed,
+        "eval": ev, "curve": [], "train": None,
+        "resources": {"peak_memory_mb": memory, "memory_kind": "rss", "trainable_params": trainable, "total_params": 10_000,
+                      "train_seconds": 1.0, "eval_seconds": 0.5, "train_tokens_per_s": None, "eval_tokens_per_s": 100.0,
+                      "optimizer_steps": 0, "precision": "fp32", "device": "cpu", "machine": {}},
+        "warnings": [],
+    }
+    return rid, cfg, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries
+
+
+def test_summarize_hand_computed_t_interval() -> None:
+    s = st.summarize([0.5, 0.6, 0.7])
+    # mean 0.6, sd 0.1, t(0.975, 2) = 4.302652730 → half width 4.302652730 · 0.1 / √3 = 0.248413
+    assert s.count == 3
+    assert s.mean == pytest.approx(0.6)
+    assert s.std == pytest.approx(0.1)
+    assert s.ci_low == pytest.approx(0.6 - 0.248413, abs=1e-6)
+    assert s.ci_high == pytest.approx(0.6 + 0.248413, abs=1e-6)
+    assert (s.min, s.max) == (pytest.approx(0.5), pytest.approx(0.7))
+
+
+def test_summarize_single_run_has_undefined_ci_and_says_so() -> None:
+    s = st.summarize([0.42])
+    assert s.count == 1 and s.mean == 0.42
+    assert math.isnan(s.std) and math.isnan(s.ci_low) and math.isnan(s.ci_high)
+    assert "undefined" in s.note
+
+
+def test_summarize_ignores_nan_and_none() -> None:
+    s = st.summarize([0.5, float("nan"), 0.7])
+    assert s.count == 2 and s.mean == pytest.approx(0.6)
+    assert st.summarize([]).count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# paired tests
+
+
+def test_paired_test_hand_computed() -> None:
+    a = [0.60, 0.70, 0.65, 0.80]
+    b = [0.50, 0.60, 0.62, 0.70]
+    t = st.paired_test(a, b)
+    # d = [.10, .10, .03, .10]: mean .0825, sd .035, se .0175, t = 4.7142857, df 3
+    assert t.n_pairs == 4
+    assert t.mean_diff == pytest.approx(0.0825)
+    assert t.std_diff == pytest.approx(0.035)
+    assert t.t_stat == pytest.approx(0.0825 / 0.0175)
+    half = 3.182446305 * 0.0175  # t(0.975, 3)
+    assert t.ci_low == pytest.approx(0.0825 - half, abs=1e-7)
+    assert t.ci_high == pytest.approx(0.0825 + half, abs=1e-7)
+    assert t.t_p == pytest.approx(0.0180715, abs=1e-6)
+    # Wilcoxon: all 4 differences positive → W = 0; two-sided exact p = 2/16
+    assert t.w_stat == 0.0
+    assert t.w_p == pytest.approx(0.125)
+    assert t.significant()
+
+
+def test_wilcoxon_with_a_negative_difference() -> None:
+    # d = [1, -2, 3, 4, 5]: ranks 1..5, W- = 2; P(W ≤ 2) = 3/32 → two-sided p = 6/32
+    t = st.paired_test([1, -2, 3, 4, 5], [0, 0, 0, 0, 0])
+    assert t.w_stat == 2.0
+    assert t.w_p == pytest.approx(6 / 32)
+
+
+def test_paired_test_degenerate_cases() -> None:
+    one = st.paired_test([0.5], [0.4])
+    assert one.n_pairs == 1 and math.isnan(one.t_p) and "fewer than 2" in one.note
+    zero = st.paired_test([0.5, 0.6], [0.5, 0.6])
+    assert zero.mean_diff == 0 and zero.t_p == 1.0 and zero.w_p == 1.0
+    const = st.paired_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.7])
+    assert const.t_p == 0.0 and math.isinf(const.t_stat) and "degenerate" in const.note
+    with pytest.raises(ValueError):
+        st.paired_test([1, 2], [1])
+
+
+def test_paired_comparisons_pair_by_seed_only() -> None:
+    runs = [make_run("cola", "vanilla", 16, s, (a, 0.6)) for s, a in [(0, 0.60), (1, 0.70), (2, 0.65), (3, 0.80)]]
+    runs += [make_run("cola", "pbft", 16, s, (a, 0.5)) for s, a in [(0, 0.50), (1, 0.60), (2, 0.62), (3, 0.70), (9, 0.99)]]
+    rows = st.eval_rows(runs)
+    comps = [c for c in st.paired_comparisons(rows) if c.eval_set == "cola-id"]
+    assert len(comps) == 1
+    c = comps[0]
+    assert (c.arm_a, c.arm_b, c.seeds) == ("pbft", "vanilla", (0, 1, 2, 3))  # seed 9 has no partner
+    assert c.test.mean_diff == pytest.approx(-0.0825)
+
+
+# ---------------------------------------------------------------------------------------------
+# rows, arms, tables
+
+
+def test_arm_labels_name_only_what_varies_within_a_method() -> None:
+    runs = [make_run("cola", "lora", 16, 0, (0.6, 0.6), params={"r": r, "alpha": 8}) for r in (1, 8)]
+    runs += [make_run("mnli", "lora", 16, 0, (0.6, 0.5), params={"r": 1, "alpha": 8})]
+    runs += [make_run("cola", "vanilla", 16, s, (0.6, 0.6)) for s in (0, 1)]
+    labels = st.arm_labels({rid: cfg for rid, cfg, _ in runs})
+    assert sorted(set(labels.values())) == ["lora r=1", "lora r=8", "vanilla"]
+
+
+def test_summary_table_has_majority_rows_and_flags_baseline() -> None:
+    runs = [make_run("cola", "icl", 16, s, (0.69, 0.686)) for s in (0, 1, 2)]  # exactly the majority baseline
+    runs += [make_run("cola", "vanilla", 16, s, (a, a)) for s, a in [(0, 0.80), (1, 0.82), (2, 0.81)]]
+    table = st.summary_table(st.eval_rows(runs), metrics=("accuracy",))
+    maj = [r for r in table if r.method == st.MAJORITY]
+    assert {(r.eval_set, r.baseline) for r in maj} == {("cola-id", 0.69), ("cola-ood", 0.686)}
+    icl = next(r for r in table if r.method == "icl" and r.eval_set == "cola-id")
+    van = next(r for r in table if r.method == "vanilla" and r.eval_set == "cola-id")
+    assert icl.at_baseline is True
+    assert van.at_baseline is False
+    assert van.stats.count == 3 and van.stats.mean == pytest.approx(0.81) and van.seeds == (0, 1, 2)
+
+
+def test_single_run_baseline_check_uses_binomial_error() -> None:
+    # 100 examples, baseline 0.5: SE 0.05 → within 1.96·SE = 0.098 is indistinguishable
+    assert st.indistinguishable(st.summarize([0.55]), 0.5, 100) is True
+    assert st.indistinguishable(st.summarize([0.65]), 0.5, 100) is False
+
+
+def test_id_ood_gap_is_paired_within_runs() -> None:
+    runs = [make_run("cola", "vanilla", 16, s, acc) for s, acc in [(0, (0.70, 0.60)), (1, (0.80, 0.65)), (2, (0.75, 0.70))]]
+    gaps = st.id_ood_gaps(st.eval_rows(runs))
+    assert len(gaps) == 1
+    g = gaps[0]
+    assert (g.id_set, g.ood_set) == ("cola-id", "cola-ood")
+    assert g.gap.mean == pytest.approx((0.10 + 0.15 + 0.05) / 3)
+    assert g.gap.std == pytest.approx(0.05)
+
+
+def test_pareto_front() -> None:
+    # (cost, accuracy): B dominates C; A is cheapest; D is best; E has NaN cost
+    costs = [1.0, 2.0, 3.0, 4.0, float("nan")]
+    accs = [0.5, 0.7, 0.6, 0.8, 0.9]
+    assert st.pareto_front(costs, accs) == [True, True, False, True, False]
+    assert st.pareto_front([1.0, 1.0], [0.5, 0.5]) == [True, True]  # ties do not dominate each other
+
+
+# ---------------------------------------------------------------------------------------------
+# claims
+
+
+def _claims(runs):
+    return {c.key: c for c in st.evaluate_claims(st.eval_rows(runs))}
+
+
+def test_claims_not_enough_data_when_methods_missing() -> None:
+    runs = [make_run("cola", "vanilla", 16, s, (0.7, 0.6)) for s in range(3)]
+    claims = _claims(runs)
+    assert set(claims) == {"cd-beats-ft", "pbft-worse-ood", "efficient-comparable", "ft-icl-similar"}
+    assert all(c.verdict == "not enough data" for c in claims.values())
+    assert "distill" in claims["cd-beats-ft"].reason
+
+
+def test_claims_not_enough_data_with_one_seed() -> None:
+    runs = [make_run(t, m, n, 0, (0.7, 0.6)) for t in ("cola", "mnli") for m in ("vanilla", "pbft") for n in (2, 16)]
+    assert _claims(runs)["pbft-worse-ood"].verdict == "not enough data"
+
+
+def test_claim_pbft_worse_ood_supported_and_contradicted() -> None:
+    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.60 + 0.01 * s)) for s in range(5)]
+    worse = [make_run("cola", "pbft", 16, s, (0.70, 0.50 + 0.01 * s + 0.002 * (s % 2))) for s in range(5)]
+    better = [make_run("cola", "pbft", 16, s, (0.70, 0.70 + 0.01 * s + 0.002 * (s % 2))) for s in range(5)]
+    c = _claims(van + worse)["pbft-worse-ood"]
+    assert c.verdict == "supported"
+    assert c.tests[0].test.mean_diff == pytest.approx(-0.0992, abs=1e-4)
+    assert "p=" in c.reason and "5 pairs / 5 seeds" in c.reason
+    assert _claims(van + better)["pbft-worse-ood"].verdict == "contradicted"
+
+
+def test_claim_cd_beats_ft_not_supported_without_significant_difference() -> None:
+    van = [make_run("mnli", "vanilla", 16, s, (0.60 + 0.02 * s, 0.5)) for s in range(4)]
+    cd = [make_run("mnli", "distill", 16, s, (0.60 + 0.02 * s + (0.01 if s % 2 else -0.01), 0.5)) for s in range(4)]
+    c = _claims(van + cd)["cd-beats-ft"]
+    assert c.verdict == "not supported"
+    assert any("majority" in cv for cv in c.caveats)  # HANS at 0.5 = chance for both
+
+
+def test_claim_efficient_comparable_uses_margin() -> None:
+    van = [make_run("cola", "vanilla", 16, s, (0.70 + 0.01 * s, 0.65 + 0.01 * s)) for s in range(6)]
+    close = [make_run("cola", m, 16, s, (0.69 + 0.01 * s + 0.003 * (s % 2), 0.64 + 0.01 * s + 0.003 * (s % 3)))
+             for m in ("adaptive", "lora") for s in range(6)]
+    far = [make_run("cola", m, 16, s, (0.50 + 0.01 * s + 0.003 * (s % 2), 0.45 + 0.01 * s + 0.003 * (s % 3)))
+           for m in ("adaptive", "lora") for s in range(6)]
+    assert _claims(van + close)["efficient-comparable"].verdict == "supported"
+    far_claim = _claims(van + far)["efficient-comparable"]
+    assert far_claim.verdict == "contradicted" and "clearly lower" in far_claim.reason
+
+
+def test_claim_lora_ranks_are_pooled_per_sample() -> None:
+    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.65)) for s in range(3)]
+    lora = [make_run("cola", "lora", 16, s, (0.70 + d, 0.65 + d), params={"r": r}) for s in range(3) for r, d in ((1, -0.02), (8, 0.02))]
+    c = _claims(van + lora)["efficient-comparable"]
+    lora_id = next(t for t in c.tests if t.label.startswith("lora") and "ID" in t.label)
+    assert lora_id.test.n_pairs == 3  # one pair per sample, not per rank
+    assert lora_id.test.mean_diff == pytest.approx(0.0)
+
+
+def test_claim_ft_icl_generalise_similarly() -> None:
+    van = [make_run("cola", "vanilla", n, s, (0.70 + 0.01 * s, 0.65 + 0.01 * s + 0.002 * (s % 2))) for n in (2, 16) for s in range(3)]
+    icl = [make_run("cola", "icl", n, s, (0.60 + 0.01 * s, 0.55 + 0.01 * s)) for n in (2, 16) for s in range(3)]
+    c = _claims(van + icl)["ft-icl-similar"]
+    assert c.verdict == "supported"
+    assert c.tests[0].test.n_pairs == 6
+    assert abs(c.tests[0].test.mean_diff) < 0.01
