@@ -4,6 +4,11 @@ Demonstrations come from the run's few-shot sample (so ICL sees exactly the labe
 fine-tuning methods see), balanced across labels and ordered by the data seed, joined with the
 task's separator (llmft: " " for CoLA, "\\n\\n" for MNLI). An eval example whose prompt exceeds the
 context is skipped and counted, never truncated. No calibration (as llmft).
+
+All queries of a run share the same demonstrations, so by default they are scored on top of one
+KV cache of the demonstrations (``scoring``'s prefix cache): only the query tokens run through
+the model, ≈17× less work at 16-shot MNLI, with the same predictions as scoring every full
+prompt (``prefix_cache: false``; the tests check both agree).
 """
 
 from __future__ import annotations
@@ -54,10 +59,13 @@ class ICL(Method):
     trains = False
 
     demos: list[Example]
+    scoring_paths: set[str]
+    scoring_notes: list[str]
 
     def fit(self, sample: list[Example]) -> None:
         k = self.params.k or len(sample)
         self.demos = balanced_demonstrations(sample, k, self.ctx.cfg.seed, self.ctx.task.num_labels)
+        self.scoring_paths, self.scoring_notes = set(), []
         return None
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
@@ -67,9 +75,16 @@ class ICL(Method):
         scores = score_prompts(
             ctx.lm.model, ctx.lm.tokenizer, queries, ctx.verbalizer.token_ids,
             prefix=prefix, batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
-            precision=ctx.precision, on_batch=on_batch,
+            precision=ctx.precision, on_batch=on_batch, use_prefix_cache=self.params.prefix_cache,
         )
+        # Recorded so a run says how it was scored, and a silent fallback cannot hide.
+        self.scoring_paths.add(scores.path)
+        if scores.note and scores.note not in self.scoring_notes:
+            self.scoring_notes.append(scores.note)
         return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
 
     def describe(self) -> dict:
-        return {"demonstration_ids": [e.id for e in self.demos]}
+        return {"demonstration_ids": [e.id for e in self.demos], "scoring": sorted(self.scoring_paths)}
+
+    def warnings(self) -> list[str]:
+        return list(self.scoring_notes)
