@@ -67,6 +67,7 @@ class StudyData:
     rows: list[st.EvalRow]  # finished runs × eval sets
     hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
+    overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
 
     @property
     def done(self) -> list[RunRecord]:
@@ -89,7 +90,7 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     done = [r for r in records if r.status == "done" and r.metrics]
     rows = st.eval_rows((r.run_id, r.config, r.metrics) for r in done)
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
-                     other_runs=len(all_records) - len(records))
+                     other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])))
     for r in done:
         counts = hans_breakdown(d, r)
         if counts:
@@ -469,10 +470,11 @@ def hans_table(data: StudyData, model: str) -> tuple[list[str], list[tuple[str, 
     """Per (arm, n): accuracy over seeds for each heuristic × gold label on HANS."""
     cols = [f"{h} / {lab}" for h in HANS_HEURISTICS for lab in HANS_LABELS]
     cells: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    arms = {row.run_id: row.arm for row in data.rows}
     for r in data.done:
         if r.config.get("model") != model or r.run_id not in data.hans:
             continue
-        arm = next((row.arm for row in data.rows if row.run_id == r.run_id), r.method)
+        arm = arms.get(r.run_id, r.method)
         for (h, lab), (correct, total) in data.hans[r.run_id].items():
             if total:
                 cells[(arm, r.method, r.n)][f"{h} / {lab}"].append(correct / total)
@@ -625,7 +627,8 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         ["methods", ", ".join(sorted({r.method for r in rows}, key=st.method_rank)) or "–"],
         ["n per class", ", ".join(str(n) for n in sorted({r.n for r in rows})) or "–"],
         ["data seeds", ", ".join(str(s) for s in sorted({r.seed for r in rows})) or "–"],
-    ], caption="overview")
+        ["overrides", " ".join(f"--set {o}" for o in data.overrides) or "none"],
+    ], caption="overview (the study config as run: study.yaml)")
 
     # warnings
     doc.h(2, "Warnings")

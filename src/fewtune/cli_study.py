@@ -1,0 +1,74 @@
+"""The ``fewtune study`` and ``fewtune report`` commands (registered on the main typer app).
+
+Kept apart from ``cli.py`` so the study machinery (store, stats, report) is imported only when
+these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` prints them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``study`` and ``report`` to ``app``."""
+
+    @app.command("study")
+    def study_cmd(
+        config: str = typer.Argument(..., help="study YAML file, or a preset: quick, paper, paper-released"),
+        out: Path = typer.Option(..., "--out", help="study directory (created; re-use it to resume)"),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed runs again"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="execute at most N runs in this call"),
+        set_: Optional[list[str]] = typer.Option(
+            None, "--set", help="override a run parameter for all runs (train.max_steps=2) or one method (lora:params.r=8); a list sweeps"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="data seeds, e.g. 0,1,2 or 0-9 (replaces the study's)"),
+        n: Optional[str] = typer.Option(None, "--n", help="n per class, e.g. 2,16 (replaces the study's)"),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+        report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
+    ) -> None:
+        """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
+        from .study import expand, load_study, run_study
+
+        console = Console(stderr=True)
+        study = load_study(config, set_ or [], seeds=seeds, n=n)
+        planned = expand(study)
+        if dry_run:
+            out_console = Console()
+            for p in planned:
+                out_console.print(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}")
+            out_console.print(f"{len(planned)} runs")
+            return
+        console.print(f"study [bold]{study.name}[/bold] ({study.source}): {len(planned)} runs → {out}")
+        outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
+                            console=console, planned=planned)
+        c = outcome.counts
+        console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
+                      f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
+                      + (f", {outcome.adopted} recovered from disk" if outcome.adopted else ""))
+        console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
+                      f"{c.get('pending', 0)} pending")
+        if report and c.get("done", 0):
+            from .report import write_report
+
+            paths = write_report(out)
+            Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]")
+        if c.get("failed", 0):
+            console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
+                          "fix the cause and re-run with --retry-failed")
+            raise typer.Exit(1)
+
+    @app.command("report")
+    def report_cmd(
+        study_dir: Path = typer.Argument(..., help="a study directory (fewtune study --out DIR)"),
+        margin: float = typer.Option(0.05, "--margin", help="equivalence margin (accuracy) for 'comparable' claims"),
+    ) -> None:
+        """Write report.md, report.html, plots and CSV exports into DIR."""
+        from .report import write_report
+
+        paths = write_report(study_dir, margin=margin)
+        Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]; "
+                        f"CSV in {paths.csv_dir}, plots in {paths.figures_dir}")
