@@ -1,0 +1,138 @@
+"""LoRA: low-rank adapters (peft) on the attention projections, base weights frozen.
+
+The study (released ``peft_LoRA_on_cola``): ``LoraConfig(r ∈ {1,2,4,8,64}, lora_alpha=8,
+lora_dropout=0.1, bias="none", task_type="SEQ_CLS")`` on OPT-125m — peft's default target
+modules for OPT (``q_proj``, ``v_proj``) — with the ``score`` head trained alongside
+(``modules_to_save``), at lr 1e-5 for 40 epochs. Same defaults here; the head is our own head
+module trained alongside the adapter and saved with it. ``objective=lm`` trains the adapter
+under the PBFT objective instead (LM head frozen). Target modules default to peft's own mapping
+for the model type (``q_proj``/``v_proj`` for Llama and OPT, ``query_key_value`` for GPT-NeoX).
+
+Learning rate: the run's ``train.lr``. The study's 1e-5 barely moves a LoRA adapter (whose B
+matrix starts at zero); llmft's LoRA runs used 2e-4 — pass ``--set train.lr=2e-4`` for that.
+
+Note that llmft's own "LoRA" is a different module (down → ReLU → dropout → up, with biases,
+optionally a trainable scale); this is standard peft LoRA, as the study used.
+
+``save_adapter(dir)`` writes the peft adapter plus ``head.safetensors``/``head.json``;
+``load_adapter(base_model, dir)`` restores both, and predictions match the trained model's
+(tested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import ConfigError
+from ..heads import make_head
+from .base import register
+from ._trainable import ObjectiveParams, TrainableMethod
+
+
+class LoRAOptions(ObjectiveParams):
+    r: int = Field(8, ge=1, le=1024, description="adapter rank (study: 1, 2, 4, 8, 64)")
+    alpha: float = Field(8, gt=0, description="lora_alpha; the update is scaled by alpha / r (study: 8)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="lora_dropout (study: 0.1)")
+    target_modules: list[str] | None = Field(None, description="module names to adapt (default: peft's mapping, e.g. q_proj, v_proj)")
+    save_dir: str | None = Field(None, description="write the trained adapter (and head) here after training")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """peft's default LoRA target modules for this architecture."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = MAPPING.get(model_type)
+    if not targets:
+        raise ConfigError(f"peft has no default LoRA target modules for model type '{model_type}'",
+                          "set params.target_modules, e.g. [q_proj, v_proj]")
+    return list(targets)
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str] | None,
+               seed: int) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only the adapter's parameters train.
+
+    The adapter's A matrices are drawn from the global torch RNG, seeded here by ``seed`` (the
+    run's model seed), B starts at zero: the wrapped model initially computes exactly what the
+    base model does."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules or default_targets(model)
+    torch.manual_seed(seed)
+    try:
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ConfigError(f"cannot apply LoRA: {str(e).splitlines()[0]}", "check params.target_modules against the model's module names") from None
+
+
+@register
+class LoRA(TrainableMethod):
+    name = "lora"
+    summary = "peft LoRA adapters (default q_proj/v_proj) + trained classification head (or the PBFT objective)"
+    Params = LoRAOptions
+    uses_lm_head = False
+
+    def adapt_model(self) -> None:
+        p = self.params
+        # peft injects the adapter layers into the base model in place, so everything that runs
+        # ``ctx.lm.model`` (the backbone of our nets, ``score_prompts``) runs the adapted model.
+        self.peft_model = apply_lora(self.ctx.lm.model, r=p.r, alpha=p.alpha, dropout=p.dropout,
+                                     target_modules=p.target_modules, seed=self.ctx.cfg.model_seed)
+        self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha)
+
+    def fit(self, sample):
+        summary = super().fit(sample)
+        if self.params.save_dir:
+            self.save_adapter(Path(self.params.save_dir))
+            summary["saved_to"] = self.params.save_dir
+        return summary
+
+    def extra_summary(self) -> dict:
+        return {"lora_r": self.params.r, "lora_alpha": self.params.alpha,
+                "lr_note": "study: lr 1e-5 for LoRA; llmft used 2e-4"}
+
+    def save_adapter(self, path: Path) -> None:
+        save_adapter(self.peft_model, self.head, path, self.params.head if self.objective == "classifier" else None)
+
+
+def save_adapter(peft_model: nn.Module, head: nn.Module | None, path: Path, head_kind: str | None) -> None:
+    """The peft adapter (``adapter_config.json``, ``adapter_model.safetensors``) and, for the
+    classifier objective, the head's weights and shape."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(path))
+    if head is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(path / "head.safetensors"))
+        out = head.out
+        info = {"kind": head_kind, "hidden": out.in_features, "num_labels": out.out_features,
+                "dropout": float(getattr(getattr(head, "dropout", None), "p", 0.0))}
+        (path / "head.json").write_text(json.dumps(info))
+
+
+def load_adapter(base_model: nn.Module, path: Path) -> tuple[nn.Module, nn.Module | None]:
+    """Re-attach a saved adapter to a freshly loaded base model; returns (peft model, head or None)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise ConfigError(f"no LoRA adapter in {path}", "pass the directory given as params.save_dir")
+    model = PeftModel.from_pretrained(base_model, str(path))
+    model.eval()
+    head = None
+    if (path / "head.json").exists():
+        info = json.loads((path / "head.json").read_text())
+        head = make_head(info["kind"], info["hidden"], info["num_labels"], seed=0, dropout=info["dropout"])
+        head.load_state_dict(load_file(str(path / "head.safetensors")))
+        head.to(next(base_model.parameters()).device).eval()
+    return model, head
