@@ -140,8 +140,13 @@ def test_csv_exports(full_report) -> None:
     assert len(cola_id_acc) == 1 + 6 * 2  # majority row + arms × n
     with open(paths.csv_dir / "paired.csv") as f:
         paired = list(csv.DictReader(f))
-    assert {r["arm_b"] for r in paired} == {"vanilla"}
-    assert len(paired) == 2 * 2 * 2 * 5  # tasks × n × eval sets × other methods
+    assert len(paired) == 2 * 2 * 2 * 15  # tasks × n × eval sets × pairs of the 6 methods
+    pv = [r for r in paired if r["arm_a"] == "pbft" and r["arm_b"] == "vanilla" and r["eval_set"] == "cola-id" and r["n"] == "2"]
+    assert len(pv) == 1 and float(pv[0]["mean_diff"]) == pytest.approx(0.02) and pv[0]["pairs"] == "3"
+    assert not [r for r in paired if r["arm_a"] == "icl"]  # icl is first in the method order: always B
+    md = paths.markdown.read_text()
+    vs_vanilla = md.split("## Paired comparisons with vanilla fine-tuning", 1)[1].split("## ", 1)[0]
+    assert vs_vanilla.count("| vanilla |") == 2 * 2 * 2 * 5  # tasks × n × eval sets × other methods
     with open(paths.csv_dir / "claims.csv") as f:
         assert {r["claim"] for r in csv.DictReader(f)} == {"cd-beats-ft", "pbft-worse-ood", "efficient-comparable", "ft-icl-similar"}
     hans = paths.csv_dir / "hans_tiny-random.csv"

@@ -180,6 +180,7 @@ def test_strict_config_errors(data: dict, message: str, hint: str | None) -> Non
         ("eval_limt=2", "unknown key 'eval_limt'", "did you mean 'eval_limit'"),
         ("n 2", "expects key=value", None),
         ("method=icl", "cannot change 'method'", None),
+        ("task=mnli", "cannot change 'task'", "tasks:"),
     ],
 )
 def test_strict_override_errors(override: str, message: str, hint: str | None) -> None:

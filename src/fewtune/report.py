@@ -603,6 +603,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     rows = data.rows
     summary = st.summary_table(rows)
     comparisons = st.paired_comparisons(rows, "vanilla", "accuracy")
+    all_pairs = st.paired_comparisons(rows, None, "accuracy")
     gaps = st.id_ood_gaps(rows)
     claims = st.evaluate_claims(rows, margin=margin)
     figures: list[Path] = []
@@ -701,7 +702,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     doc.h(2, "Paired comparisons with vanilla fine-tuning")
     if comparisons:
         doc.p("Each method arm minus vanilla FT on the same few-shot samples (same data seeds): mean difference in accuracy "
-              "with its 95 % t-interval, paired t-test and Wilcoxon signed-rank test.")
+              "with its 95 % t-interval, paired t-test and Wilcoxon signed-rank test. Every pair of methods is in `csv/paired.csv`.")
         doc.table(["model", "task", "n", "eval set", "method", "vs", "mean diff [95% CI]", "t-test p", "Wilcoxon p", "pairs"],
                   [[c.model, c.task, c.n, c.eval_set, c.arm_a, c.arm_b, _fmt_diff(c.test), _fmt_p(c.test.t_p), _fmt_p(c.test.w_p),
                     str(c.test.n_pairs)] for c in comparisons])
@@ -779,7 +780,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         ["model", "task", "n", "eval_set", "domain", "metric", "arm_a", "arm_b", "pairs", "mean_diff", "std_diff", "ci_low", "ci_high",
          "t_stat", "t_p", "wilcoxon_stat", "wilcoxon_p", "note"],
         [[c.model, c.task, c.n, c.eval_set, c.domain, c.metric, c.arm_a, c.arm_b, c.test.n_pairs, c.test.mean_diff, c.test.std_diff,
-          c.test.ci_low, c.test.ci_high, c.test.t_stat, c.test.t_p, c.test.w_stat, c.test.w_p, c.test.note] for c in comparisons]))
+          c.test.ci_low, c.test.ci_high, c.test.t_stat, c.test.t_p, c.test.w_stat, c.test.w_p, c.test.note] for c in all_pairs]))
     csvs.append(_write_csv(csv_dir / "gaps.csv",
         ["model", "task", "method", "arm", "n", "id_set", "ood_set", "runs", "id_mean", "ood_mean", "gap_mean", "gap_std", "gap_ci_low", "gap_ci_high"],
         [[g.model, g.task, g.method, g.arm, g.n, g.id_set, g.ood_set, g.gap.count, g.id.mean, g.ood.mean, g.gap.mean, g.gap.std,

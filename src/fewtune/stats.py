@@ -376,26 +376,29 @@ class Comparison:
     seeds: tuple[int, ...]
 
 
-def paired_comparisons(rows: Sequence[EvalRow], reference_method: str = "vanilla", metric: str = "accuracy") -> list[Comparison]:
-    """Every arm against every arm of ``reference_method``, per (model, task, n, eval set), paired
-    on the data seed (same seed = same few-shot sample)."""
+def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "vanilla", metric: str = "accuracy") -> list[Comparison]:
+    """Arm A − arm B per (model, task, n, eval set), paired on the data seed (same seed = same
+    few-shot sample). With ``reference_method``, every arm against that method's arms; with None,
+    every pair of arms (B is the one earlier in the method order, e.g. ``vanilla − icl``)."""
     cells: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     methods: dict[str, str] = {}
     for r in rows:
         cells[(r.model, r.task, r.n, r.eval_set, r.domain)][r.arm][r.seed] = r.value(metric)
         methods[r.arm] = r.method
+    order = lambda a: (method_rank(methods[a]), methods[a], _arm_sort(a))  # noqa: E731
     out: list[Comparison] = []
     for (model, task, n, eval_set, domain), arms in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4] != "id", kv[0][3])):
-        refs = [a for a in arms if methods[a] == reference_method]
-        for ref in sorted(refs, key=_arm_sort):
-            for arm in sorted(arms, key=lambda a: (method_rank(methods[a]), _arm_sort(a))):
-                if arm == ref:
-                    continue
-                seeds = sorted(set(arms[arm]) & set(arms[ref]))
-                if not seeds:
-                    continue
-                test = paired_test([arms[arm][s] for s in seeds], [arms[ref][s] for s in seeds])
-                out.append(Comparison(model, task, n, eval_set, domain, metric, arm, ref, test, tuple(seeds)))
+        ranked = sorted(arms, key=order)
+        if reference_method is not None:
+            pairs = [(a, ref) for ref in ranked if methods[ref] == reference_method for a in ranked if a != ref]
+        else:
+            pairs = [(ranked[j], ranked[i]) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+        for arm, ref in pairs:
+            seeds = sorted(set(arms[arm]) & set(arms[ref]))
+            if not seeds:
+                continue
+            test = paired_test([arms[arm][s] for s in seeds], [arms[ref][s] for s in seeds])
+            out.append(Comparison(model, task, n, eval_set, domain, metric, arm, ref, test, tuple(seeds)))
     return out
 
 

@@ -248,8 +248,10 @@ def parse_override(item: str) -> Override:
         raise ConfigError(f"--set key {key!r} is malformed", "e.g. train.lr or params.r")
     if parts[0] not in RUN_KEYS:
         raise ConfigError(f"unknown key '{parts[0]}' in --set {item}", unknown_hint(parts[0], list(RUN_KEYS)))
-    if parts[0] == "method" or (parts[0] == "task" and method):
-        raise ConfigError(f"--set cannot change '{parts[0]}'", "edit the study's methods/tasks lists instead")
+    if parts[0] in ("method", "task"):
+        # A task or method entry carries overrides that belong to it (e.g. CoLA's eval sets), so
+        # swapping the name underneath them would build runs nobody asked for.
+        raise ConfigError(f"--set cannot change '{parts[0]}'", f"edit the study's '{parts[0]}s:' list instead (copy the preset to a YAML file)")
     if parts[0] == "train" and len(parts) > 1 and parts[1] not in TrainConfig.model_fields:
         raise ConfigError(f"unknown key 'train.{parts[1]}' in --set {item}", unknown_hint(parts[1], list(TrainConfig.model_fields)))
     value = _load_yaml_text(raw, f"--set {item}") if raw.strip() != "" else None
