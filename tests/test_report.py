@@ -57,7 +57,9 @@ def _full_runs():
         for mi, method in enumerate(METHODS):
             for n in (2, 16):
                 for seed in range(3):
-                    base = 0.55 + 0.02 * mi + 0.01 * seed + (0.03 if n == 16 else 0)
+                    # methods differ by 0.02 per rank, plus a seed-dependent wobble so paired
+                    # differences vary (vanilla, mi=1, keeps 0.57/0.58/0.59 at n=2 for table checks)
+                    base = 0.55 + 0.02 * mi + 0.01 * seed + (0.03 if n == 16 else 0) + 0.004 * (mi - 1) * (seed % 2)
                     runs.append(make_run(task, method, n, seed, (base, base - 0.05),
                                          memory=400 + 50 * mi, trainable=0 if method == "icl" else 10 ** (mi + 2),
                                          n_skipped=3 if method == "icl" and n == 16 else 0))
@@ -142,7 +144,7 @@ def test_csv_exports(full_report) -> None:
         paired = list(csv.DictReader(f))
     assert len(paired) == 2 * 2 * 2 * 15  # tasks × n × eval sets × pairs of the 6 methods
     pv = [r for r in paired if r["arm_a"] == "pbft" and r["arm_b"] == "vanilla" and r["eval_set"] == "cola-id" and r["n"] == "2"]
-    assert len(pv) == 1 and float(pv[0]["mean_diff"]) == pytest.approx(0.02) and pv[0]["pairs"] == "3"
+    assert len(pv) == 1 and float(pv[0]["mean_diff"]) == pytest.approx(0.02 + 0.004 / 3) and pv[0]["pairs"] == "3"
     assert not [r for r in paired if r["arm_a"] == "icl"]  # icl is first in the method order: always B
     md = paths.markdown.read_text()
     vs_vanilla = md.split("## Paired comparisons with vanilla fine-tuning", 1)[1].split("## ", 1)[0]
@@ -161,8 +163,10 @@ def test_claims_and_warnings(full_report) -> None:
     _, paths = full_report
     md = paths.markdown.read_text()
     claims = md.split("## Claims of the study", 1)[1].split("## Results", 1)[0]
-    # distill (mi=5) is 0.06 above vanilla on every sample: a degenerate but clear "supported"
-    assert "| supported |" in claims
+    verdicts = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in claims.splitlines() if line.startswith("| ") and " | " in line}
+    # distill (mi=5) is 0.08–0.096 above vanilla on every sample; pbft 0.02–0.024 above it OOD
+    assert verdicts["Context distillation beats standard (vanilla) fine-tuning."] == "supported"
+    assert verdicts["Pattern-based fine-tuning (PBFT) under-performs vanilla fine-tuning out of domain."] == "contradicted"
     assert "paired t-test" in claims and "Wilcoxon" in claims
     warnings = md.split("## Warnings", 1)[1].split("## Claims", 1)[0]
     assert "incomplete" in warnings and "1 failed" in warnings

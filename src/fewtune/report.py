@@ -104,9 +104,12 @@ def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], 
     Why the predictions file: metrics.json has accuracy per heuristic and per label separately, but
     the HANS failure mode (always predicting entailment) shows only in their combination.
     """
-    hans_sets = {name for name in (record.metrics or {}).get("eval", {}) if name.startswith("hans")}
-    if not hans_sets or not record.run_dir:
+    names = sorted(name for name in (record.metrics or {}).get("eval", {}) if name.startswith("hans"))
+    if not names or not record.run_dir:
         return {}
+    # One HANS set per run: the full set if evaluated, else the subset (counting both would
+    # count lexical_overlap twice).
+    hans_sets = {"hans"} if "hans" in names else {names[0]}
     path = study_dir / record.run_dir / "predictions.jsonl"
     if not path.is_file():
         return {}

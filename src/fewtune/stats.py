@@ -236,24 +236,30 @@ def baseline_for(metric: str, majority: float) -> float:
     return 0.0 if metric == "mcc" else majority
 
 
-def indistinguishable(s: Summary, baseline: float, n_eval: int, metric: str = "accuracy") -> bool | None:
-    """Is a result within noise of the majority baseline (or HANS chance)?
+def baseline_margin(s: Summary, baseline: float, n_eval: int, metric: str = "accuracy") -> float:
+    """How far from the baseline a mean must be to count as different from it.
 
-    With ≥ 2 runs: the baseline lies inside the 95 % CI over seeds. With one run: within 1.96
-    binomial standard errors of the baseline on this eval set (for MCC, 1.96/√n, its standard
-    error under no correlation).
+    The larger of the 95 % CI half-width over seeds and 1.96 standard errors of one evaluation on
+    ``n_eval`` examples (binomial for accuracy, 1/√n for MCC). Why both: every run of a cell is
+    scored on the *same* eval examples, so the eval-set sampling error does not shrink with more
+    seeds — and seeds that happen to agree exactly (a constant predictor) give a zero-width CI.
     """
-    if s.count == 0 or not math.isfinite(baseline):
-        return None
-    if s.count >= 2 and math.isfinite(s.ci_low):
-        return bool(s.ci_low <= baseline <= s.ci_high)
-    if n_eval <= 0:
-        return None
-    if metric == "mcc":
-        se = 1 / math.sqrt(n_eval)
+    if n_eval > 0:
+        se = 1 / math.sqrt(n_eval) if metric == "mcc" else math.sqrt(max(baseline * (1 - baseline), 1e-12) / n_eval)
+        floor = 1.96 * se
     else:
-        se = math.sqrt(max(baseline * (1 - baseline), 1e-12) / n_eval)
-    return bool(abs(s.mean - baseline) <= 1.96 * se)
+        floor = 0.0
+    half = s.half_width if s.count >= 2 and math.isfinite(s.half_width) else 0.0
+    return max(half, floor)
+
+
+def indistinguishable(s: Summary, baseline: float, n_eval: int, metric: str = "accuracy") -> bool | None:
+    """Is a result within noise of the majority baseline (or HANS chance)? See ``baseline_margin``."""
+    if s.count == 0 or not math.isfinite(baseline) or not math.isfinite(s.mean):
+        return None
+    if n_eval <= 0 and s.count < 2:
+        return None
+    return bool(abs(s.mean - baseline) <= baseline_margin(s, baseline, n_eval, metric))
 
 
 def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy", "mcc")) -> list[SummaryRow]:
@@ -332,7 +338,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = CONF
 
     Degenerate cases get explicit values rather than scipy's NaN and warnings: fewer than two
     pairs → NaN everywhere; all differences zero → p = 1; all differences equal but non-zero →
-    t = ±inf, p = 0 (the t-test's variance estimate is 0), noted in ``note``.
+    t-test undefined (NaN: its variance estimate is 0, and in few-shot studies this happens when
+    constant predictors or tiny eval sets make every sample agree — not evidence of certainty),
+    noted in ``note``; the Wilcoxon test is still computed.
     """
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_arr.shape != b_arr.shape:
@@ -352,7 +360,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = CONF
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if std < 1e-12:
-            t_stat, t_p, note = math.copysign(math.inf, mean), 0.0, "all differences equal: t-test degenerate"
+            t_stat, t_p, note = nan, nan, "all differences equal: t-test undefined"
         else:
             res = sps.ttest_rel(a_arr, b_arr)
             t_stat, t_p, note = float(res.statistic), float(res.pvalue), ""
@@ -548,7 +556,8 @@ def fmt_test(t: ClaimTest) -> str:
     p = t.test
     if p.n_pairs < 2:
         return f"{p.n_pairs} pair(s): no test"
-    return (f"{p.mean_diff:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}], paired t-test p={p.t_p:.3g}, "
+    t_p = f"{p.t_p:.3g}" if math.isfinite(p.t_p) else "undefined"
+    return (f"{p.mean_diff:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}], paired t-test p={t_p}, "
             f"Wilcoxon p={p.w_p:.3g}, {p.n_pairs} pairs / {t.seeds} seeds"
             + (f" ({p.note})" if p.note else ""))
 
@@ -562,16 +571,35 @@ def _not_enough(key: str, claim: str, methods: tuple[str, ...], missing: list[st
     return ClaimResult(key, claim, methods, "not enough data", reason, tests)
 
 
-def _baseline_caveat(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> tuple[str, ...]:
-    """Warn when a method's runs are mostly at the majority baseline: then 'A vs B' says little."""
-    out = []
+def _at_baseline_methods(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> dict[str, tuple[int, int]]:
+    """Methods whose results are mostly (> half) indistinguishable from the majority baseline."""
+    out = {}
     for m in methods:
         rs = [r for r in rows if r.method == m and (domain is None or r.domain == domain)]
-        at = [indistinguishable(summarize([r.accuracy]), r.majority_baseline, r.n_eval) for r in rs]
-        if rs and sum(bool(x) for x in at) > len(rs) / 2:
-            out.append(f"most {m} results ({sum(bool(x) for x in at)}/{len(rs)}) are indistinguishable from the "
-                       "majority baseline / chance, so this comparison says little about the method")
-    return tuple(out)
+        at = sum(bool(indistinguishable(summarize([r.accuracy]), r.majority_baseline, r.n_eval)) for r in rs)
+        if rs and at > len(rs) / 2:
+            out[m] = (at, len(rs))
+    return out
+
+
+def _baseline_caveat(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> tuple[str, ...]:
+    """Warn when a method's runs are mostly at the majority baseline: then 'A vs B' says little."""
+    return tuple(f"most {m} results ({a}/{n}) are indistinguishable from the majority baseline / chance, so this "
+                 "comparison says little about the method" for m, (a, n) in _at_baseline_methods(rows, methods, domain).items())
+
+
+def _moot(result: ClaimResult, rows: Sequence[EvalRow], domain: str | None) -> ClaimResult:
+    """Two constant predictors 'agree' perfectly; when every compared method is mostly at the
+    baseline, no verdict either way is warranted."""
+    present = [m for m in result.methods if any(r.method == m for r in rows)]
+    if result.verdict == "not enough data" or not present:
+        return result
+    if set(_at_baseline_methods(rows, present, domain)) == set(present):
+        return ClaimResult(result.key, result.claim, result.methods, "inconclusive",
+                           f"every compared method is mostly at the majority baseline / chance, so the data cannot "
+                           f"speak to this claim (would otherwise be: {result.verdict}). {result.reason}",
+                           result.tests, result.caveats)
+    return result
 
 
 def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: float = MARGIN, alpha: float = ALPHA) -> list[ClaimResult]:
@@ -608,7 +636,7 @@ def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: f
         else:
             verdict = "not supported"
         reason = "; ".join(f"{t.label}: {fmt_test(t)} → {_direction(t, alpha)}" for t in usable)
-        out.append(ClaimResult("cd-beats-ft", claim, methods, verdict, reason, tests, _baseline_caveat(rows, methods, None)))
+        out.append(_moot(ClaimResult("cd-beats-ft", claim, methods, verdict, reason, tests, _baseline_caveat(rows, methods, None)), rows, None))
 
     # 2. PBFT under-performs vanilla FT out of domain.
     claim = "Pattern-based fine-tuning (PBFT) under-performs vanilla fine-tuning out of domain."
@@ -622,8 +650,8 @@ def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: f
             continue
         d = _direction(t, alpha)
         verdict = {"lower": "supported", "higher": "contradicted"}.get(d, "not supported")
-        out.append(ClaimResult("pbft-worse-ood", claim, methods, verdict, f"{t.label}: {fmt_test(t)} → {d}", (t,),
-                               _baseline_caveat(rows, methods, "ood")))
+        out.append(_moot(ClaimResult("pbft-worse-ood", claim, methods, verdict, f"{t.label}: {fmt_test(t)} → {d}", (t,),
+                                     _baseline_caveat(rows, methods, "ood")), rows, "ood"))
 
     # 3. Adaptive FT and LoRA are comparable to or slightly worse than full FT.
     claim = (f"Adaptive fine-tuning and LoRA are comparable to or slightly worse than full (vanilla) fine-tuning "
@@ -650,14 +678,12 @@ def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: f
             verdict = "not enough data"
         elif any(v.startswith("contradicts") for v in verdicts):
             verdict = "contradicted"
-        elif all(v == "within margin" for v in verdicts) and all(m in present for m in ("adaptive", "lora")):
-            verdict = "supported"
         elif all(v == "within margin" for v in verdicts):
-            verdict = "supported"  # for the method(s) present; the missing one is named in the reason
+            verdict = "supported"  # for the method(s) with data; a missing one is named in the reason
         else:
             verdict = "inconclusive"
-        out.append(ClaimResult("efficient-comparable", claim, methods3, verdict, "; ".join(parts), tuple(tests),
-                               _baseline_caveat(rows, [m for m in methods3 if m in present], None)))
+        out.append(_moot(ClaimResult("efficient-comparable", claim, methods3, verdict, "; ".join(parts), tuple(tests),
+                                     _baseline_caveat(rows, [m for m in methods3 if m in present], None)), rows, None))
 
     # 4. FT and ICL generalise similarly (Mosbach et al. 2023).
     claim = (f"Fine-tuning and in-context learning generalise similarly (here: the ID−OOD gap of vanilla FT and "
@@ -672,7 +698,7 @@ def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: f
         v = _equivalence(gap, margin)
         verdict = {"within margin": "supported"}.get(v, "contradicted" if v.startswith("contradicts") else "inconclusive")
         reason = f"{gap.label}: {fmt_test(gap)} → {v}; for reference {ood.label}: {fmt_test(ood)}"
-        out.append(ClaimResult("ft-icl-similar", claim, methods4, verdict, reason, (gap, ood), _baseline_caveat(rows, methods4, None)))
+        out.append(_moot(ClaimResult("ft-icl-similar", claim, methods4, verdict, reason, (gap, ood), _baseline_caveat(rows, methods4, None)), rows, None))
     return out
 
 

@@ -526,6 +526,7 @@ def run_study(
     on the next call unless ``retry_failed``.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if limit is not None and limit < 1:
@@ -561,7 +562,7 @@ def run_study(
             with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
                 overall = progress.add_task(f"study {study.name}", total=len(todo))
                 for i, p in enumerate(todo, 1):
-                    progress.update(overall, description=f"study {study.name} · run {i}/{len(todo)}: {p.label()}")
+                    progress.update(overall, description=escape(f"study {study.name} · run {i}/{len(todo)}: {p.label()}"))
                     _execute(p, store, out, run_fn, data_dir, progress, outcome, console)
                     for t in list(progress.task_ids):  # drop bars a run left behind
                         if t != overall:
@@ -581,6 +582,8 @@ def _counts(store: Store, run_ids: list[str]) -> dict[str, int]:
 
 def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: Path | None, progress: Any,
              outcome: StudyOutcome, console: Any) -> None:
+    from rich.markup import escape
+
     rel = f"{RUNS_DIR}/{p.run_id}"
     run_dir = out / rel
     metrics_path = run_dir / "metrics.json"
@@ -613,9 +616,9 @@ def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: P
         store.mark_failed(p.run_id, msg)
         outcome.failed_now += 1
         outcome.failures.append((p.run_id, p.label(), msg.splitlines()[0]))
-        console.print(f"[red]✗ failed[/red] {p.label()} [{p.run_id}]: {msg.splitlines()[0]}")
+        console.print(f"[red]✗ failed[/red] {escape(p.label())} {escape(f'[{p.run_id}]')}: {escape(msg.splitlines()[0])}")
         return
     metrics = result.metrics if hasattr(result, "metrics") else dict(result)
     store.mark_done(p.run_id, metrics, rel)
     outcome.succeeded += 1
-    console.print(f"[green]✓[/green] {p.label()} [{p.run_id}]: {_metrics_line(metrics)} ({time.time() - t0:.0f} s)")
+    console.print(f"[green]✓[/green] {escape(p.label())} {escape(f'[{p.run_id}]')}: {escape(_metrics_line(metrics))} ({time.time() - t0:.0f} s)")
