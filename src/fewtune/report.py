@@ -342,17 +342,19 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
     ns = sorted({r.n for r in cells if r.n is not None})
     for i, es in enumerate(eval_sets):
         ax = fig.add_subplot(1, len(eval_sets), i + 1)
-        for method, arm in arms:
+        for j, (method, arm) in enumerate(arms):
             pts = sorted((r.n, r.stats) for r in cells if r.arm == arm and r.eval_set == es and r.n is not None)
             if not pts:
                 continue
-            x = [p[0] for p in pts]
+            # Dodge arms sideways (multiplicatively: the axis is log2) so equal means stay visible.
+            x = np.array([p[0] for p in pts], dtype=float) * 2 ** (0.03 * (j - (len(arms) - 1) / 2))
             m = np.array([p[1].mean for p in pts])
             lo = np.array([p[1].ci_low if math.isfinite(p[1].ci_low) else p[1].mean for p in pts])
             hi = np.array([p[1].ci_high if math.isfinite(p[1].ci_high) else p[1].mean for p in pts])
             color, ls = styles[arm]
-            ax.plot(x, m, marker="o", color=color, linestyle=ls, label=arm)
-            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+            ax.errorbar(x, m, yerr=[m - lo, hi - m], marker="o", color=color, linestyle=ls, label=arm, capsize=2, linewidth=1.2)
+            if len(pts) > 1:
+                ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
         base = [r for r in cells if r.method == st.MAJORITY and r.eval_set == es]
         if base:
             ax.axhline(base[0].baseline, color="black", linestyle="--", linewidth=1, label="majority / chance")
@@ -362,12 +364,17 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
         ax.set_ylabel("accuracy")
         if len(ns) > 1 and min(ns) > 0:
             ax.set_xscale("log", base=2)
+        elif len(ns) == 1:
+            ax.set_xlim(ns[0] * 0.8, ns[0] * 1.2)
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])
+        ax.minorticks_off()
+        lo_y, hi_y = ax.get_ylim()
+        ax.set_ylim(max(lo_y, -0.02 if base and base[0].metric == "accuracy" else -1.02), min(hi_y, 1.02))
         ax.grid(alpha=0.3)
         if i == len(eval_sets) - 1:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{model}: accuracy vs n (mean, 95% CI over data seeds)", fontsize=10)
+    fig.suptitle(f"{model}: accuracy vs n (mean, 95% CI over data seeds; arms dodged sideways)", fontsize=10)
     return _save_fig(fig, path)
 
 
