@@ -80,6 +80,7 @@ def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> d
 def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> RunResult:
     """Run one experiment; write its files to ``out_dir`` (atomically) if given."""
     cfg = resolve(cfg)
+    run_id = cfg.content_hash()  # of the config as requested (before the context is clipped to the model)
     if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         if not (Path(out_dir) / "metrics.json").exists():
             raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
@@ -114,7 +115,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     meter.add_tokens("eval", sum(p.tokens for p in preds.values()))
 
     metrics = {
-        "run_id": cfg.content_hash(),
+        "run_id": run_id,
         "task": task.name,
         "method": cfg.method,
         "model": cfg.model,
