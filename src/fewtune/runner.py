@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from .config import RunConfig, resolve
-from .errors import ConfigError, FewtuneError
+from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
 from .metrics import accuracy, eval_set_metrics, mcc
 from .models import device, load_model, resolve_precision
@@ -106,8 +106,18 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     ctx.evaluate = lambda: _curve_point(method, evals, task)
 
     torch.manual_seed(cfg.model_seed)
-    with meter.phase("train"):
-        train_summary = method.fit(sample.examples)
+    try:
+        with meter.phase("train"):
+            train_summary = method.fit(sample.examples)
+    except TrainingDiverged as e:
+        # The reason is part of the result: a diverged run leaves a record saying so (status
+        # "diverged", no eval metrics), then fails like any other error.
+        if out_dir is not None:
+            failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
+                      "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
+                      "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
+            write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
+        raise
     if train_summary and train_summary.get("train_tokens"):
         meter.add_tokens("train", int(train_summary["train_tokens"]))
     with meter.phase("eval"):
@@ -116,6 +126,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
 
     metrics = {
         "run_id": run_id,
+        "status": "ok",
         "task": task.name,
         "method": cfg.method,
         "model": cfg.model,

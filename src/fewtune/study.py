@@ -596,7 +596,7 @@ def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: P
             metrics = None
         # (The directory name is the run id; metrics["run_id"] is the runner's own hash, which may
         # differ, e.g. after it clips max_context to the model's positions.)
-        if isinstance(metrics, dict) and isinstance(metrics.get("eval"), dict):
+        if isinstance(metrics, dict) and metrics.get("status", "ok") == "ok" and isinstance(metrics.get("eval"), dict):
             store.mark_done(p.run_id, metrics, rel)
             outcome.adopted += 1
             return
