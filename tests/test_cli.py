@@ -77,3 +77,34 @@ def test_listing_commands(tmp_path, data_dir):
     assert res.returncode == 0 and "icl" in res.stdout and "zero-shot" in res.stdout
     res = fewtune("tasks", data_dir=data_dir, cwd=tmp_path)
     assert res.returncode == 0 and "hans" in res.stdout and "cola-ood" in res.stdout
+
+
+def _write_custom_task(tmp_path: Path, verbalizer: str) -> Path:
+    rows = ["text,label"] + [f"\"sample {i} is {'good' if i % 2 else 'bad'}\",{i % 2}" for i in range(12)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps({"text": f"item {i}", "label": i % 2}) for i in range(6)) + "\n")
+    task = tmp_path / "toy.yaml"
+    task.write_text(
+        "name: toy\nlabel_names: [bad, good]\ntext_fields: [text]\n"
+        "train: {path: train.csv}\neval_sets: {dev: {path: dev.jsonl, in_domain: true}}\n"
+        f"patterns: {{minimal: {{template: '{{text}} ?', target_prefix: '', verbalizer: [' No', '{verbalizer}']}}}}\n"
+    )
+    return task
+
+
+def test_custom_task_yaml_runs_through_the_cli(tmp_path, data_dir):
+    task = _write_custom_task(tmp_path, " Yes")
+    out = tmp_path / "run"
+    res = fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "icl", "--out", str(out),
+                  data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "toy" and metrics["eval"]["dev"]["n"] == 6
+
+
+def test_custom_task_with_multi_token_verbalizer_is_refused(tmp_path, data_dir):
+    task = _write_custom_task(tmp_path, " Supercalifragilistic")
+    res = fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "zero-shot",
+                  "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 2 and "not one" in res.stderr and "Supercalifragilistic" in res.stderr
+    assert not (tmp_path / "o").exists()

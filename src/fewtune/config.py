@@ -107,9 +107,9 @@ class RunConfig(StrictModel):
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill every default that depends on the task or method, validating both by name."""
     from .methods import METHODS
-    from .tasks import TASKS
+    from .tasks import get_task
 
-    task = TASKS.get(cfg.task)
+    task = get_task(cfg.task)
     method_cls = METHODS.get(cfg.method)
     pattern = task.pattern(cfg.pattern).name
     eval_sets = list(cfg.eval_sets or task.default_eval_sets or task.eval_sets)

@@ -25,8 +25,17 @@ _EXAMPLES_MEMO: dict[tuple[object, ...], list[Example]] = {}
 
 
 def get_task(name: str | Task) -> Task:
-    """The registered task called ``name`` (a ConfigError naming the closest one if unknown)."""
-    return name if isinstance(name, Task) else TASKS.get(name)
+    """The registered task called ``name`` (a ConfigError naming the closest one if unknown), or
+    the custom task defined by the YAML file ``name`` (``--task my_task.yaml``), registered on use."""
+    if isinstance(name, Task):
+        return name
+    if name.endswith((".yaml", ".yml")) and name not in TASKS:
+        if not Path(name).is_file():
+            from ..errors import ConfigError
+
+            raise ConfigError(f"custom task file not found: {name}", "give the path to a task YAML (see docs/custom-tasks.md)")
+        return register_custom_task(name)
+    return TASKS.get(name)
 
 
 def load_split(split: Split, data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
