@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune.errors import ContextLengthError
+from fewtune.errors import ContextLengthError, DataError
 from fewtune.models import load_model
 from fewtune.prompts import verbalizer_token_ids
 from fewtune.scoring import PATH_NAIVE, PATH_PREFIX_CACHE, encode_prompts, score_prompts
@@ -127,6 +127,11 @@ def test_empty_query_scores_the_token_after_the_prefix(lm, label_ids):
     naive = _score(lm, label_ids, prefix=PREFIX, queries=["", QUERIES[0]], use_prefix_cache=False)
     cached = _score(lm, label_ids, prefix=PREFIX, queries=["", QUERIES[0]])
     np.testing.assert_allclose(cached.label_logprobs, naive.label_logprobs, atol=1e-3, rtol=0)
+
+
+def test_empty_prompt_without_prefix_is_a_data_error(lm):
+    with pytest.raises(DataError, match="empty prompt"):
+        encode_prompts(lm.tokenizer, ["fine ?", ""])
 
 
 def test_peft_wrapped_model_uses_the_cache(lm, label_ids):
