@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job: the `quick` study preset on the embedded model
-# (all six methods, CoLA ID/OOD and MNLI→HANS), then write the report.
+# (all six methods, CoLA ID/OOD and MNLI→HANS); the study writes the report and prints where.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +8,4 @@ bash scripts/setup.sh
 export FEWTUNE_DATA_DIR=${FEWTUNE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 OUT=${1:-runs/quick}
 fewtune study quick --out "$OUT"
-fewtune report "$OUT"
+

@@ -39,3 +39,15 @@ def tiny_lm():
     from fewtune.models import load_model
 
     return load_model("tiny-random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    spin-waiting makes them several times slower; restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

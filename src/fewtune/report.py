@@ -18,8 +18,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -32,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import stats as st
+from .atomic import write_atomic
 from .errors import ConfigError
 from .store import RunRecord, Store
 
@@ -273,27 +272,13 @@ def _fmt_diff(t: st.PairedTest) -> str:
     return f"{t.mean_diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}]"
 
 
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in rows:
         w.writerow(["" if (isinstance(x, float) and not math.isfinite(x)) or x is None else x for x in r])
-    _write_atomic_bytes(path, buf.getvalue().encode())
+    write_atomic(path, buf.getvalue().encode())
     return path
 
 
@@ -301,7 +286,7 @@ def _save_fig(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _write_atomic_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -837,8 +822,8 @@ def write_report(study_dir: Path | str, margin: float = st.MARGIN) -> ReportPath
     doc, figures, csvs = build_report(data, d, margin=margin)
     md = d / "report.md"
     page = d / "report.html"
-    _write_atomic_bytes(md, render_markdown(doc).encode())
-    _write_atomic_bytes(page, render_html(doc, f"fewtune study report: {data.name}").encode())
+    write_atomic(md, render_markdown(doc).encode())
+    write_atomic(page, render_html(doc, f"fewtune study report: {data.name}").encode())
     return ReportPaths(md, page, d / CSV_DIR, d / FIGURES_DIR, tuple(figures), tuple(csvs))
 
 

@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 import time
 import traceback
 import typing
@@ -49,6 +48,7 @@ from pydantic import BaseModel
 from .config import RunConfig, TrainConfig, resolve, validate
 from .errors import ConfigError, FewtuneError
 from .registry import closest, unknown_hint
+from .atomic import write_atomic
 from .store import RUNS_DIR, Store
 
 STUDY_KEYS = ("name", "description", "tasks", "methods")
@@ -435,21 +435,6 @@ def study_lock(out_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clean_leftovers(runs_dir: Path) -> int:
