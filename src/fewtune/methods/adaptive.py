@@ -80,7 +80,6 @@ class Adaptive(TrainableMethod):
     name = "adaptive"
     summary = "partial FT: top-k decoder layers + final norm + head train, the rest frozen; optional layer-wise lr decay"
     Params = AdaptiveParams
-    uses_lm_head = False
 
     def adapt_model(self) -> None:
         model = self.ctx.lm.model

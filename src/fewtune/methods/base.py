@@ -72,7 +72,6 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[StrictModel]] = NoParams
-    uses_lm_head: ClassVar[bool] = True
     # Whether ``fit`` updates weights; a method that trains nothing reports 0 trainable parameters.
     trains: ClassVar[bool] = True
 

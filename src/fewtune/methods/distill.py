@@ -105,7 +105,6 @@ class Distill(TrainableMethod):
     name = "distill"
     summary = "context distillation: student (pattern only) matches the frozen instruction+k-demo teacher on the verbalizer"
     Params = DistillParams
-    uses_lm_head = True
     default_objective = "lm"
 
     # ------------------------------------------------------------------ data
@@ -235,7 +234,6 @@ class DistillReleased(TrainableMethod):
     name = "distill-released"
     summary = "the study's released 'context distillation': same input for teacher and student, random heads (parity only)"
     Params = DistillReleasedParams
-    uses_lm_head = False
     default_objective = "classifier"
 
     def input_text(self, example: Example) -> str:

@@ -77,7 +77,6 @@ class LoRA(TrainableMethod):
     name = "lora"
     summary = "peft LoRA adapters (default q_proj/v_proj) + trained classification head (or the PBFT objective)"
     Params = LoRAOptions
-    uses_lm_head = False
 
     def adapt_model(self) -> None:
         p = self.params

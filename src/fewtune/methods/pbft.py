@@ -34,7 +34,6 @@ class PBFT(TrainableMethod):
     name = "pbft"
     summary = "LM head + verbalizer: CE over the full vocabulary at the answer position (Mosbach et al.)"
     Params = PBFTParams
-    uses_lm_head = True
     default_objective = "lm"
 
 
@@ -47,7 +46,6 @@ class PBFTReleased(TrainableMethod):
     name = "pbft-released"
     summary = "the study's released 'PBFT': random classification head + prompt text, no verbalizer (parity only)"
     Params = PBFTReleasedParams
-    uses_lm_head = False
     default_objective = "classifier"
 
     def input_text(self, example: Example) -> str:

@@ -23,5 +23,4 @@ class Vanilla(TrainableMethod):
     name = "vanilla"
     summary = "new classification head on the last token, all weights trained (input: pattern or raw text)"
     Params = VanillaParams
-    uses_lm_head = False
     default_objective = "classifier"
