@@ -18,6 +18,8 @@ def data_dir() -> Path:
     """The real data directory: $FEWTUNE_DATA_DIR, else <repo>/../shared/data; skip if absent."""
     path = Path(os.environ.get("FEWTUNE_DATA_DIR") or REPO.parent / "shared" / "data")
     if not path.is_dir():
+        if os.environ.get("CI"):  # in CI the data must be there: a silent skip would hide it
+            pytest.fail(f"real data not found at {path} (set FEWTUNE_DATA_DIR)")
         pytest.skip(f"real data not found at {path} (set FEWTUNE_DATA_DIR)")
     return path
 
