@@ -102,7 +102,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
 
     ctx = RunContext(cfg, task, pattern, lm, verbalizer, precision, dev, meter, train_pool=pool,
                      data_dir=data_dir, progress=progress)
-    method = METHODS.get(cfg.method)(ctx, METHODS.get(cfg.method).Params.model_validate(cfg.params))
+    method_cls = METHODS.get(cfg.method)
+    method = method_cls(ctx, method_cls.Params.model_validate(cfg.params))
     ctx.evaluate = lambda: _curve_point(method, evals, task)
 
     torch.manual_seed(cfg.model_seed)
