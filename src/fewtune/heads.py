@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .scoring import last_hidden
+from .scoring import head_logits, last_hidden
 
 HeadKind = Literal["linear", "mlp"]
 
@@ -81,7 +81,8 @@ def init_std(model: nn.Module) -> float:
 
 
 class ClassifierNet(nn.Module):
-    """Backbone + classification head → class logits [B, C] (fp32) at the last real token."""
+    """Backbone + classification head → class logits [B, C] at the last real token; the head runs
+    in fp32 whatever the body's precision (``scoring.head_logits``: no bf16 ties or coarse losses)."""
 
     def __init__(self, body: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -89,11 +90,12 @@ class ClassifierNet(nn.Module):
         self.head = head
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        return self.head(last_hidden(self.body, ids, mask, last)).float()
+        return head_logits(self.head, last_hidden(self.body, ids, mask, last))
 
 
 class LMNet(nn.Module):
-    """Backbone + LM head → next-token logits at the last real token (fp32).
+    """Backbone + LM head → next-token logits at the last real token, the head in fp32
+    (``scoring.head_logits``), so PBFT's full-vocabulary CE and distillation's KL see fp32 logits.
 
     With ``restrict_ids`` only those vocabulary rows are computed ([B, k]); otherwise the full
     vocabulary ([B, V]). Restricting is exact (a subset of rows of the same matmul) and saves the
@@ -110,9 +112,4 @@ class LMNet(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        h = last_hidden(self.body, ids, mask, last)
-        if self.restrict_ids is None:
-            return self.lm_head(h).float()
-        w = self.lm_head.weight[self.restrict_ids]
-        b = self.lm_head.bias[self.restrict_ids] if getattr(self.lm_head, "bias", None) is not None else None
-        return nn.functional.linear(h, w, b).float()
+        return head_logits(self.lm_head, last_hidden(self.body, ids, mask, last), self.restrict_ids)

@@ -23,7 +23,7 @@ import yaml
 from .config import RunConfig, resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
-from .metrics import accuracy, eval_set_metrics, mcc
+from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from .models import device, load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
@@ -71,7 +71,7 @@ def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> d
     preds = {}
     for ev in evals:
         tid, advance = _progress_task(progress, f"  eval {ev.name}", len(ev.examples))
-        preds[ev.name] = method.predict(ev.examples, on_batch=advance)
+        preds[ev.name] = method.predict(ev.examples, on_batch=advance).keyed([e.id for e in ev.examples])
         if tid is not None:
             progress.remove_task(tid)
     return preds
@@ -143,18 +143,22 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(task.notes),
         "warnings": list(method.warnings()),
+        "collapsed": loss_collapse((train_summary or {}).get("final_loss"), (train_summary or {}).get("chance_loss")),
         "started_at": started,
         "wall_seconds": round(time.time() - started, 3),
     }
+    if metrics["collapsed"]:
+        metrics["warnings"].append(metrics["collapsed"])
     for ev in evals:
         p = preds[ev.name]
         m = eval_set_metrics(
             np.array([e.label for e in ev.examples]), p.pred, p.skipped, task.label_names,
             groups={f: [e.groups.get(f, "") for e in ev.examples] for f in ev.group_fields},
-            outside_verbalizer=p.outside_verbalizer,
+            outside_verbalizer=p.outside_verbalizer, tie=p.tie,
         )
         m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
         metrics["eval"][ev.name] = m
+        metrics["warnings"].extend(f"{ev.name}: {w}" for w in m.pop("warnings"))
         if ev.warning:
             metrics["warnings"].append(f"{ev.name}: {ev.warning}")
         if m["n_skipped"]:
@@ -206,6 +210,8 @@ def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, eval
                     if p.full_argmax_token is not None and not p.skipped[i]:
                         row["full_argmax"] = tokenizer.convert_ids_to_tokens(int(p.full_argmax_token[i]))
                         row["outside_verbalizer"] = bool(p.outside_verbalizer[i])
+                    if p.tie is not None and p.tie[i]:
+                        row["tie"] = True  # the best label score was shared exactly; pred is a seeded coin
                     if e.groups:
                         row["groups"] = e.groups
                     f.write(json.dumps(row) + "\n")

@@ -32,6 +32,7 @@ Lengths — one rule for all methods:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -45,7 +46,7 @@ from ..config import StrictModel
 from ..errors import ConfigError
 from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
 from ..models import autocast, backbone_and_head
-from ..scoring import encode_prompts, length_sorted_batches, pad_batch, score_prompts
+from ..scoring import argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
 from ..tasks.base import Example
 from ..training import Batch, TrainResult, train
 from .base import Method, Predictions
@@ -141,9 +142,8 @@ def classify(net: nn.Module, tokenizer, texts: Sequence[str], *, num_labels: int
         logits, tokens = forward_seqs(net, [enc.query_ids[i] for i in keep], pad_id=tokenizer.pad_token_id,
                                       batch_size=batch_size, precision=precision, device=device, on_batch=on_batch)
         scores[keep] = torch.log_softmax(logits.double(), dim=-1).numpy()
-    pred = np.nan_to_num(scores, nan=-np.inf).argmax(axis=1)
-    pred[enc.skipped] = -1
-    return Predictions(scores, pred, enc.skipped, tokens)
+    pred, tie = argmax_breaking_ties(scores, enc.skipped)
+    return Predictions(scores, pred, enc.skipped, tokens, tie=tie)
 
 
 class TrainableMethod(Method):
@@ -235,7 +235,17 @@ class TrainableMethod(Method):
     def trainable_summary(self) -> dict:
         assert self.net is not None
         n_train = sum(p.numel() for p in {id(p): p for p in self.net.parameters() if p.requires_grad}.values())
-        return {"objective": self.objective, "trainable_params": n_train}
+        return {"objective": self.objective, "trainable_params": n_train, "chance_loss": self.chance_loss()}
+
+    def chance_loss(self) -> float | None:
+        """The loss of a uniform prediction over the classes the loss normalises over: ln(#labels)
+        for a classifier head or verbalizer-restricted CE, ln|V| for full-vocabulary CE. A run that
+        ends there collapsed (``metrics.loss_collapse``). None where the loss has no such value."""
+        if self.objective == "classifier":
+            return math.log(self.ctx.task.num_labels)
+        if getattr(self.params, "restrict_to_verbalizer", False):
+            return math.log(len(self.ctx.verbalizer.token_ids))
+        return math.log(backbone_and_head(self.ctx.lm.model)[1].weight.shape[0])
 
     # -------------------------------------------------------------- Method API
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ from ..models import LoadedModel
 from ..prompts import Pattern, VerbalizerTokens
 from ..registry import Registry
 from ..resources import ResourceMeter
-from ..scoring import Scores
+from ..scoring import Scores, argmax_breaking_ties
 from ..tasks.base import Example, Task
 
 
@@ -60,12 +60,20 @@ class Predictions:
     tokens: int = 0
     full_argmax_token: np.ndarray | None = None  # LM-head methods only
     outside_verbalizer: np.ndarray | None = None  # LM-head methods only
+    tie: np.ndarray | None = None  # [N] bool: the best label score was shared exactly
 
     @classmethod
     def from_scores(cls, scores: Scores, verbalizer_ids: Sequence[int]) -> Predictions:
         outside = ~np.isin(scores.full_argmax, list(verbalizer_ids))
-        return cls(scores.label_logprobs, scores.predictions(), scores.skipped, scores.tokens_scored,
-                   scores.full_argmax, outside & ~scores.skipped)
+        pred, tie = argmax_breaking_ties(scores.label_logprobs, scores.skipped)
+        return cls(scores.label_logprobs, pred, scores.skipped, scores.tokens_scored,
+                   scores.full_argmax, outside & ~scores.skipped, tie)
+
+    def keyed(self, keys: Sequence[str]) -> Predictions:
+        """The same scores with ties broken by a coin seeded by each example's id (stable under
+        subsampling and reordering) instead of its position (``scoring.argmax_breaking_ties``)."""
+        pred, tie = argmax_breaking_ties(self.label_scores, self.skipped, keys)
+        return replace(self, pred=pred, tie=tie)
 
 
 class Method(ABC):

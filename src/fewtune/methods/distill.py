@@ -58,7 +58,7 @@ from ..errors import ConfigError, TrainingDiverged
 from ..heads import ClassifierNet, init_std, make_head
 from ..models import backbone_and_head
 from ..sampling import balanced_demonstrations
-from ..scoring import score_prompts
+from ..scoring import argmax_breaking_ties, score_prompts
 from ..tasks.base import Example
 from ..training import Batch
 from ._trainable import HeadParams, TrainableMethod, forward_seqs
@@ -188,7 +188,7 @@ class Distill(TrainableMethod):
         self.teacher_valid = torch.tensor(~skipped)
         self.teacher_tokens = tokens
         gold = np.array([e.label for e in examples])
-        teacher_pred = np.nan_to_num(logp, nan=-np.inf).argmax(axis=1)
+        teacher_pred = argmax_breaking_ties(logp, skipped, [e.id for e in examples])[0]
         self._info.update(
             teacher_k=int(np.median(demo_sets)) if demo_sets else 0,
             teacher_prompts_skipped=int(skipped.sum()),
@@ -220,6 +220,11 @@ class Distill(TrainableMethod):
     def extra_summary(self) -> dict:
         return {"teacher_tokens": self.teacher_tokens, "train_tokens": self.train_result.train_tokens + self.teacher_tokens,
                 "effective_alpha": 1.0 if not self.params.labels else self.params.alpha}
+
+    def chance_loss(self) -> None:
+        """The KL + CE mixture has no single uniform-prediction value; collapse shows in the
+        predictions instead (``metrics.prediction_collapse``)."""
+        return None
 
 
 class DistillReleasedParams(HeadParams):
@@ -288,3 +293,6 @@ class DistillReleased(TrainableMethod):
 
     def extra_summary(self) -> dict:
         return {"teacher_tokens": self.teacher_tokens, "train_tokens": self.train_result.train_tokens + self.teacher_tokens}
+
+    def chance_loss(self) -> None:
+        return None  # KL to a frozen random teacher + CE: no single uniform-prediction value
