@@ -47,11 +47,17 @@ def test_constant_predictions_are_flagged_collapsed():
 
 
 def test_loss_collapse_at_chance_level_only():
-    assert "collapsed" in loss_collapse(math.log(2) + 0.004, math.log(2))
+    assert "collapsed" in loss_collapse(math.log(2) + 0.0005, math.log(2))
     assert "collapsed" in loss_collapse(math.log(49152), math.log(49152))
     assert loss_collapse(0.3, math.log(2)) is None
-    assert loss_collapse(math.log(2) - 0.05, math.log(2)) is None
+    assert loss_collapse(math.log(2) - 0.01, math.log(2)) is None  # near chance, still learning
     assert loss_collapse(None, math.log(2)) is None and loss_collapse(0.69, None) is None
+
+
+def test_all_ties_is_a_collapse():
+    gold = np.array([0, 1, 0, 1])
+    m = eval_set_metrics(gold, np.array([0, 1, 1, 0]), np.zeros(4, bool), ("no", "yes"), tie=np.ones(4, bool))
+    assert m["collapsed"] is True and any("exact tie" in w for w in m["warnings"])
 
 
 def test_ties_are_counted_on_scored_examples():

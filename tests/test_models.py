@@ -1,8 +1,10 @@
 import torch
 
 from fewtune.errors import ConfigError
-from fewtune.models import backbone_and_head, load_model, resolve_precision
-from fewtune.scoring import last_token_logits, pad_batch
+import numpy as np
+
+from fewtune.models import autocast, backbone_and_head, load_model, resolve_precision
+from fewtune.scoring import head_logits, last_hidden, last_token_logits, pad_batch
 
 import pytest
 
@@ -40,6 +42,70 @@ def test_unknown_model_is_a_clear_error():
         load_model("/nonexistent/model-dir")
 
 
-def test_precision_resolution():
-    assert resolve_precision("fp32") == "fp32"
-    assert resolve_precision("auto") in ("bf16", "fp32")
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_resolution(monkeypatch, native):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    if native:
+        assert resolve_precision("bf16", cpu) == "bf16"
+    else:
+        with pytest.raises(ConfigError, match="no native bf16"):
+            resolve_precision("bf16", cpu)
+
+
+QUERIES = ["The book was read by the student ?", "Him the cat chased ?", "John seems to be happy ?", "She sang ?",
+           "It is easy to please John ?", "What did you wonder whether Mary bought ?"]
+
+
+def test_tiny_model_reads_its_input(tiny_lm):
+    """The test model must condition on the query strongly, or scoring bugs hide under tolerances:
+    its " No"−" Yes" margin varies by nats across queries (≈0.2 at Llama's default init 0.02)."""
+    from fewtune.prompts import verbalizer_token_ids
+    from fewtune.scoring import score_prompts
+
+    ids = verbalizer_token_ids(tiny_lm.tokenizer, (" No", " Yes")).token_ids
+    lp = score_prompts(tiny_lm.model, tiny_lm.tokenizer, QUERIES, ids, precision="fp32").label_logprobs
+    margin = lp[:, 0] - lp[:, 1]
+    assert margin.std() > 1.0 and np.ptp(lp[:, 0]) > 2.0
+
+
+def _bf16_hidden_and_batch(lm):
+    body, head = backbone_and_head(lm.model)
+    seqs = [lm.tokenizer(q)["input_ids"] for q in QUERIES]
+    ids, mask, last = pad_batch(seqs, lm.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        h = last_hidden(body, ids, mask, last)
+    return h, head, (ids, mask, last)
+
+
+def test_head_runs_in_fp32_under_bf16_autocast(tiny_lm):
+    """bf16 logits have a resolution of 1/16–1/8 at magnitudes 16–32: exact label ties and flipped
+    predictions. The body may run in bf16; the head must not."""
+    h, head, batch = _bf16_hidden_and_batch(tiny_lm)
+    want = torch.nn.functional.linear(h.float(), head.weight.float())  # fp32, outside autocast
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        got = last_token_logits(tiny_lm.model, *batch)
+        rows = head_logits(head, h, torch.tensor([5, 7]))
+    assert got.dtype == torch.float32 and rows.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rows, want[:, [5, 7]], atol=1e-4, rtol=1e-5)
+    assert want.abs().max() > 4  # large enough that a bf16 head would be off by > 1e-2
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_scores_at_bf16_are_not_on_the_bf16_grid(tiny_lm, use_cache):
+    """Black-box check of the same, on both scoring paths: with a bf16 head both label logits are
+    bf16 numbers (multiples of 2⁻⁷ for |logit| ≥ 1), so is their difference; with an fp32 head
+    practically never."""
+    from fewtune.prompts import verbalizer_token_ids
+    from fewtune.scoring import score_prompts
+
+    ids = verbalizer_token_ids(tiny_lm.tokenizer, (" No", " Yes")).token_ids
+    queries = [" " + q for q in QUERIES * 3] + [" x " + q for q in QUERIES]
+    s = score_prompts(tiny_lm.model, tiny_lm.tokenizer, queries, ids, prefix="Sentences:", precision="bf16",
+                      use_prefix_cache=use_cache)
+    margin = (s.label_logprobs[:, 0] - s.label_logprobs[:, 1]) * 2**7
+    on_grid = np.abs(margin - np.round(margin)) < 1e-3
+    assert on_grid.mean() < 0.25, on_grid

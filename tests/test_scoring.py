@@ -2,7 +2,9 @@
 
 All on the tiny random Llama (4 layers, grouped-query attention), so a mistake in the shared-
 prefix attention (positions, head grouping, causal mask, padding, softmax over prefix + query)
-shows up as a log-prob difference far above the 1e-3 tolerance.
+shows up as a log-prob difference far above the 1e-3 tolerance: the tiny model is initialised
+with std 0.3 (``tiny_config``) so that its outputs depend strongly on every token and position
+(positions restarting at 0 in the cached path move log-probs by ≈5 nats).
 """
 
 from __future__ import annotations
@@ -67,13 +69,16 @@ def test_prefix_cache_matches_naive_fp32(lm, label_ids):
 
 
 def test_prefix_cache_matches_naive_bf16(lm, label_ids):
-    """bf16 autocast rounds differently on the two paths; both stay close to the fp32 answer."""
+    """bf16 autocast rounds differently on the two paths; both stay close to the fp32 answer.
+
+    The tolerance is bf16's error in the body of a model with large weights (init std 0.3),
+    ≈0.3 nats here; a real error of the cache (e.g. positions restarting at 0) is ≈5 nats."""
     ref = _score(lm, label_ids, prefix=PREFIX, use_prefix_cache=False, precision="fp32")
     cached = _score(lm, label_ids, prefix=PREFIX, use_prefix_cache=True, precision="bf16")
     naive = _score(lm, label_ids, prefix=PREFIX, use_prefix_cache=False, precision="bf16")
     assert cached.path == PATH_PREFIX_CACHE
-    np.testing.assert_allclose(cached.label_logprobs, ref.label_logprobs, atol=0.05, rtol=0)
-    np.testing.assert_allclose(cached.label_logprobs, naive.label_logprobs, atol=0.05, rtol=0)
+    np.testing.assert_allclose(cached.label_logprobs, ref.label_logprobs, atol=0.5, rtol=0)
+    np.testing.assert_allclose(cached.label_logprobs, naive.label_logprobs, atol=0.5, rtol=0)
 
 
 def test_batch_size_and_order_do_not_change_scores(lm, label_ids):

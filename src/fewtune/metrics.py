@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 #: |final training loss − chance loss| below which a run counts as collapsed (``loss_collapse``)
-COLLAPSE_LOSS_TOL = 0.01
+COLLAPSE_LOSS_TOL = 1e-3
 
 
 def accuracy(gold: np.ndarray, pred: np.ndarray) -> float:
@@ -26,8 +26,9 @@ def mcc(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
     NaN (undefined, see ``mcc_undefined``) when the gold labels have a single class: the
     correlation with a constant is 0/0, and scikit-learn's 0.0 would read as "chance level". A
     constant *predictor* on two-class gold stays 0.0 (scikit-learn's convention; such a run is
-    flagged ``collapsed`` instead). ``num_labels`` fixes the label set, so a label that never
-    occurs still counts."""
+    flagged ``collapsed`` instead). ``num_labels`` is not needed: a label absent from both gold
+    and predictions adds an all-zero row and column to the confusion matrix, which leaves MCC
+    unchanged."""
     if mcc_undefined(gold):
         return float("nan")
     from sklearn.metrics import matthews_corrcoef  # lazy: ~0.5 s import, only when metrics are computed
@@ -66,16 +67,20 @@ def eval_set_metrics(
     g, p = gold[keep], pred[keep]
     counts = Counter(g.tolist())  # the scored examples only, like the accuracy it is compared with
     majority, maj_n = counts.most_common(1)[0] if counts else (0, 0)
-    collapsed = prediction_collapse(g, p)
+    ties = tie[keep] if tie is not None else np.zeros(len(g), dtype=bool)
+    all_ties = bool(len(g)) and bool(ties.all())
+    collapsed = prediction_collapse(g, p) or all_ties
     warnings = []
     if mcc_undefined(g):
         warnings.append(f"MCC undefined: the {len(g)} scored examples have {len(np.unique(g))} gold class(es)")
-    if collapsed:
+    if all_ties:
+        warnings.append("collapsed: every example's label scores are an exact tie (predictions are coin flips)")
+    elif collapsed:
         warnings.append(f"collapsed: every prediction is '{label_names[int(p[0])]}'")
     res = {
         "n": int(keep.sum()),
         "n_skipped": int(skipped.sum()),
-        "n_ties": int(tie[keep].sum()) if tie is not None else 0,
+        "n_ties": int(ties.sum()),
         "accuracy": accuracy(g, p),
         "mcc": mcc(g, p, len(label_names)),
         "majority_label": label_names[majority],
@@ -111,8 +116,8 @@ def loss_collapse(final_loss: float | None, chance_loss: float | None, tol: floa
     head, ln|V| for the full-vocabulary LM objective. A model that ends training exactly there
     outputs the same distribution for every input (e.g. ``train.lr=1e6`` blows the weights up
     until the last hidden state is constant): it completed, but its predictions say nothing.
-    A run that merely has not learned yet sits near, not at, this value: the tolerance is tight
-    (0.01 nats) and the check looks at the final loss only."""
+    Measured with ``train.lr=1e6``: the loss sits at ln 2 / ln|V| to 1e-6. A run that merely has
+    not learned yet sits near, not at, this value, so the tolerance is tight (1e-3 nats)."""
     if final_loss is None or chance_loss is None or not math.isfinite(final_loss):
         return None
     if abs(final_loss - chance_loss) <= tol:

@@ -124,7 +124,15 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def tiny_config(tokenizer, layers: int = 4, hidden: int = 64):
+def tiny_config(tokenizer, layers: int = 4, hidden: int = 64, initializer_range: float = 0.3):
+    """A tiny random Llama for tests.
+
+    ``initializer_range`` 0.3 (Llama's default is 0.02): with 0.02 the random model hardly reads
+    its input (the " No"−" Yes" margin varies by ~0.2 nats across queries), so a scoring bug —
+    wrong positions, a misplaced mask, a bf16 head — changes log-probs by less than a test's
+    tolerance. At 0.3 the margins vary by several nats between queries, and such bugs show
+    far above tolerance, while the training tests stay stable at their learning rates.
+    """
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -136,6 +144,7 @@ def tiny_config(tokenizer, layers: int = 4, hidden: int = 64):
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
