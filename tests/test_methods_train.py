@@ -21,6 +21,7 @@ from fewtune.prompts import Pattern, verbalizer_token_ids
 from fewtune.resources import ResourceMeter, count_parameters
 from fewtune.scoring import last_token_logits, pad_batch
 from fewtune.tasks.base import DataFile, Example, Split, Task
+from fewtune.training import Batch
 
 CPU = torch.device("cpu")
 
@@ -82,8 +83,10 @@ CASES = [
     ("adaptive", {"objective": "lm", "llrd": 0.9}, 2e-3),
     ("lora", {"r": 4}, 1e-2),
     ("lora", {"objective": "lm"}, 3e-2),
-    ("distill", {}, 1e-3),
-    ("distill", {"student": "lora"}, 1e-2),
+    # alpha 0.2: the teacher is the random tiny model, whose (confident, random) targets the KL term
+    # pulls toward; fitting the gold labels needs the CE term to dominate
+    ("distill", {"alpha": 0.2}, 1e-3),
+    ("distill", {"student": "lora", "alpha": 0.2}, 1e-2),
     ("distill-released", {"released_logit_target": False}, 1e-3),
 ]
 
@@ -261,6 +264,89 @@ def test_eval_curve_is_recorded_every_epoch():
 
 
 # --- context distillation --------------------------------------------------------------------
+
+
+def test_pbft_loss_is_full_vocabulary_cross_entropy():
+    """Mosbach's PBFT: CE over all V logits with the verbalizer token as target — not CE over the
+    verbalizer logits only (that is ``restrict_to_verbalizer``), which ignores the rest of V."""
+    m = make("pbft", lr=1e-3, **FAST)
+    m.labels = torch.tensor([0, 1, 1, 0])
+    net = m.build_net()
+    batch_seqs = [m.ctx.lm.tokenizer(m.input_text(e))["input_ids"] for e in toy_examples(4)]
+    ids, mask, last = pad_batch(batch_seqs, m.ctx.lm.tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        logits = net(ids, mask, last)
+    assert logits.shape[1] == len(m.ctx.lm.tokenizer)  # full vocabulary, not the 2 verbalizer rows
+    batch = Batch(ids, mask, last, torch.arange(4))
+    targets = torch.tensor(m.ctx.verbalizer.token_ids)[m.labels]
+    want = -torch.log_softmax(logits.double(), -1)[torch.arange(4), targets].mean()
+    assert float(m.loss(logits, batch)) == pytest.approx(float(want), rel=1e-5)
+    verb_only = torch.nn.functional.cross_entropy(logits[:, list(m.ctx.verbalizer.token_ids)], m.labels)
+    assert abs(float(want) - float(verb_only)) > 1.0  # the two objectives are far apart on this model
+
+
+def test_pbft_moves_probability_mass_onto_the_verbalizer():
+    """Full-vocabulary CE also teaches the model to answer with a verbalizer token at all."""
+    train = toy_examples(16)
+    m = make("pbft", lr=1e-3, **FAST)
+    before = np.exp(m.predict(train).label_scores).sum(1).mean()
+    m.fit(train)
+    after = np.exp(m.predict(train).label_scores).sum(1).mean()
+    assert before < 0.05 and after > 0.5
+
+
+def test_distillation_loss_is_kl_teacher_to_student_times_t_squared():
+    """T² · KL(p_teacher,T ‖ q_student,T) (Hinton et al.): the forward direction (mass-covering)
+    and the T² factor that keeps gradient magnitudes independent of T."""
+    from torch.distributions import Categorical, kl_divergence
+
+    teacher = torch.log_softmax(torch.tensor([[2.0, -1.0, 0.0], [0.3, 0.1, -3.0]]), dim=-1)
+    student = torch.tensor([[-1.0, 1.5, 0.2], [2.0, -2.0, 0.5]])
+    for temp in (1.0, 2.0, 3.0):
+        p, q = Categorical(logits=teacher / temp), Categorical(logits=student / temp)
+        want = kl_divergence(p, q) * temp**2
+        assert torch.allclose(distill_kl(student, teacher, temp), want, atol=1e-6)
+        assert not torch.allclose(kl_divergence(q, p) * temp**2, want, atol=1e-2)  # direction matters here
+
+
+def test_distill_loss_weighs_kl_and_ce():
+    m = make("distill", {"alpha": 0.3, "temperature": 2.0}, lr=1e-3, max_steps=1, batch_size=8)
+    vocab = len(m.ctx.lm.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, vocab, generator=g) * 3
+    m.labels = torch.tensor([1, 0, 1])
+    m.teacher_logp = torch.log_softmax(torch.randn(3, 2, generator=g) * 2, -1)
+    m.teacher_valid = torch.tensor([True, True, True])
+    batch = Batch(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                  torch.arange(3))
+    verb = logits[:, list(m.ctx.verbalizer.token_ids)]
+    from torch.distributions import Categorical, kl_divergence
+
+    kl = (kl_divergence(Categorical(logits=m.teacher_logp / 2), Categorical(logits=verb / 2)) * 4).mean()
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(m.ctx.verbalizer.token_ids)[m.labels])
+    assert float(m.loss(logits, batch)) == pytest.approx(float(0.3 * kl + 0.7 * ce), rel=1e-5)
+
+
+def test_lm_and_classifier_nets_compute_their_head_in_fp32_under_bf16():
+    from fewtune.heads import ClassifierNet, LMNet
+    from fewtune.models import autocast
+    from fewtune.scoring import last_hidden
+
+    m = make("vanilla", lr=1e-3, max_steps=1)
+    body, lm_head = backbone_and_head(m.ctx.lm.model)
+    seqs = [m.ctx.lm.tokenizer(m.input_text(e))["input_ids"] for e in toy_examples(6)]
+    ids, mask, last = pad_batch(seqs, m.ctx.lm.tokenizer.pad_token_id, CPU)
+    head = torch.nn.Linear(64, 2, bias=False)
+    torch.nn.init.normal_(head.weight, std=3.0)
+    rows = list(m.ctx.verbalizer.token_ids)
+    with torch.no_grad(), autocast("bf16", CPU):
+        h = last_hidden(body, ids, mask, last).float()
+        outs = {"lm": LMNet(body, lm_head)(ids, mask, last), "rows": LMNet(body, lm_head, rows)(ids, mask, last),
+                "cls": ClassifierNet(body, head)(ids, mask, last)}
+    want = {"lm": h @ lm_head.weight.T, "rows": h @ lm_head.weight[rows].T, "cls": h @ head.weight.T}
+    for k, v in outs.items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, want[k], atol=1e-4, rtol=1e-5, msg=k)
 
 
 def test_distillation_loss_is_zero_iff_student_matches_teacher():
