@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -37,3 +38,23 @@ def test_successful_run_is_ok_and_ids_match_sample(tmp_path, data_dir):
     assert res.metrics["resources"]["optimizer_steps"] == 1
     assert 0 < res.metrics["resources"]["trainable_params"] <= res.metrics["resources"]["total_params"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert res.metrics["collapsed"] is None and res.metrics["train"]["chance_loss"] == pytest.approx(math.log(2))
+    for m in res.metrics["eval"].values():
+        assert m["n_ties"] == 0 and m["collapsed"] is False
+
+
+def test_collapsed_training_completes_but_is_flagged(tmp_path, data_dir):
+    """lr=1e6 blows the weights up until every input gets the same (uniform) output: the run is
+    complete (status ok) but says so, and its tied predictions are coin flips, not all label 0."""
+    cfg = RunConfig(task="cola", method="vanilla", model="tiny-random", n=2, eval_limit=8,
+                    train=TrainConfig(lr=1e6, max_steps=4, batch_size=4))
+    res = run_experiment(cfg, tmp_path / "run", data_dir=data_dir)
+    m = res.metrics
+    assert m["status"] == "ok" and "chance loss" in m["collapsed"] and m["collapsed"] in m["warnings"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["tie"] is True for r in rows) and {r["pred"] for r in rows} == {0, 1}
+    for name, ev in m["eval"].items():
+        assert ev["n_ties"] == ev["n"] == 8 and ev["collapsed"] is True
+        assert any(w.startswith(f"{name}: collapsed") for w in m["warnings"])
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["collapsed"] == m["collapsed"] and saved["eval"]["cola-id"]["n_ties"] == 8
