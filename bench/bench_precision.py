@@ -123,7 +123,7 @@ def main() -> None:
         f"{args.limit} examples per eval set (seed 0), batch size {args.batch_size}, device {dev.type}; default "
         f"precision here resolves to **{default}** (body under autocast, head and log-softmax in fp32).\n\n"
         f"{table}\n\n\"bf16 head\" columns: the same prompts with the head and log-softmax inside bf16 autocast, "
-        "as fewtune computed them before (exact ties then went to label 0). "
+        "as fewtune computed them before; its ties are broken here by the same seeded coin (the old code gave them all to label 0). "
         f"Goal ≥ {GOAL_AGREEMENT:.0%} agreement with fp32 on every eval set: **{verdict}** "
         f"(lowest {min(worst):.3f}). A disagreement is an example whose two label log-probs are within bf16 "
         "rounding of the body's hidden state; a tie is broken by a coin seeded by the example id, never toward "
