@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="data seeds, e.g. 0,1,2 or 0-9 (replaces the study's)"),
         n: Optional[str] = typer.Option(None, "--n", help="n per class, e.g. 2,16 (replaces the study's)"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
-        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, check that each can work (tokenizer only) and exit"),
         report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
             for p in planned:
                 out_console.print(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}")
             out_console.print(f"{len(planned)} runs" + (f"; in {out}: {stale.message()}" if stale else ""))
+            check_feasibility(planned, data_dir, out_console)
             return
         if stale:
             console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
@@ -68,6 +69,21 @@ def register(app: typer.Typer) -> None:
             console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
                           "fix the cause and re-run with --retry-failed")
             raise typer.Exit(1)
+
+    def check_feasibility(planned: list, data_dir: Optional[Path], console: Console) -> None:
+        """Tokenizer-only checks of every run; infeasible runs are a usage error (exit 2)."""
+        from rich.markup import escape
+
+        from .errors import ConfigError
+        from .feasibility import check_study, report_lines
+
+        result = check_study(planned, data_dir)
+        for line in report_lines(result):
+            console.print(escape(line), soft_wrap=True)
+        if not result.ok:
+            n = len({x.run_id for x in result.errors})
+            raise ConfigError(f"{n} of {len(planned)} runs cannot work as configured (listed above)",
+                              "apply the fixes listed, or drop those runs from the study")
 
     @app.command("report")
     def report_cmd(
