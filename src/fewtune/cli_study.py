@@ -21,27 +21,36 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Argument(..., help="study YAML file, or a preset: quick, paper, paper-released"),
         out: Path = typer.Option(..., "--out", help="study directory (created; re-use it to resume)"),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed runs again"),
+        rerun_stale: bool = typer.Option(
+            False, "--rerun-stale", help="run again the runs whose results come from another fewtune version/task file/model/device"),
         limit: Optional[int] = typer.Option(None, "--limit", help="execute at most N runs in this call"),
         set_: Optional[list[str]] = typer.Option(
             None, "--set", help="override a run parameter for all runs (train.max_steps=2) or one method (lora:params.r=8); a list sweeps"),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="data seeds, e.g. 0,1,2 or 0-9 (replaces the study's)"),
         n: Optional[str] = typer.Option(None, "--n", help="n per class, e.g. 2,16 (replaces the study's)"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
-        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, check that each can work (tokenizer only) and exit"),
         report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
+        from rich.markup import escape
+
+        from .identity import guard_stale
         from .study import expand, load_study, run_study
 
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
         planned = expand(study)
+        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
             out_console = Console()
             for p in planned:
                 out_console.print(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}")
-            out_console.print(f"{len(planned)} runs")
+            out_console.print(f"{len(planned)} runs" + (f"; in {out}: {stale.message()}" if stale else ""))
+            check_feasibility(planned, data_dir, out_console)
             return
+        if stale:
+            console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
         console.print(f"study [bold]{study.name}[/bold] ({study.source}): {len(planned)} runs → {out}")
         outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
                             console=console, planned=planned)
@@ -60,6 +69,21 @@ def register(app: typer.Typer) -> None:
             console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
                           "fix the cause and re-run with --retry-failed")
             raise typer.Exit(1)
+
+    def check_feasibility(planned: list, data_dir: Optional[Path], console: Console) -> None:
+        """Tokenizer-only checks of every run; infeasible runs are a usage error (exit 2)."""
+        from rich.markup import escape
+
+        from .errors import ConfigError
+        from .feasibility import check_study, report_lines
+
+        result = check_study(planned, data_dir)
+        for line in report_lines(result):
+            console.print(escape(line), soft_wrap=True)
+        if not result.ok:
+            n = len({x.run_id for x in result.errors})
+            raise ConfigError(f"{n} of {len(planned)} runs cannot work as configured (listed above)",
+                              "apply the fixes listed, or drop those runs from the study")
 
     @app.command("report")
     def report_cmd(

@@ -78,6 +78,19 @@ class TrainConfig(StrictModel):
     eval_every_epoch: bool = False
 
 
+class RunIdentity(StrictModel):
+    """What the result depends on besides the config (see ``fewtune.identity``): filled in by
+    ``resolve``, hashed with the config, stored in ``config.yaml``. Never set it by hand —
+    ``resolve`` recomputes it."""
+
+    fewtune_version: str
+    git_commit: str | None = None
+    task_digest: str | None = None
+    model_digest: str | None = None
+    device: str
+    precision: str
+
+
 class RunConfig(StrictModel):
     """One experiment: a model adapted by one method on one few-shot sample of one task."""
 
@@ -97,15 +110,19 @@ class RunConfig(StrictModel):
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     train: TrainConfig = Field(default_factory=TrainConfig)
+    identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
 
     def content_hash(self) -> str:
-        """Identity of the run: sha256 of the canonical JSON of the resolved config."""
+        """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block
+        included), i.e. of exactly what ``config.yaml`` holds."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill every default that depends on the task or method, validating both by name."""
+    """Fill every default that depends on the task or method, validating both by name, and the
+    identity block (what else the result depends on: code version, task/model digests, device)."""
+    from .identity import compute_identity
     from .methods import METHODS
     from .tasks import get_task
 
@@ -116,4 +133,5 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for name in eval_sets:
         task.eval_split(name)
     params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
-    return cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
+    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
+    return out.model_copy(update={"identity": compute_identity(out)})

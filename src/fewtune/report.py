@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from . import stats as st
 from .atomic import write_atomic
 from .errors import ConfigError
+from .identity import stale_runs
 from .store import RunRecord, Store
 
 FIGURES_DIR = "figures"
@@ -66,6 +67,7 @@ class StudyData:
     rows: list[st.EvalRow]  # finished runs × eval sets
     hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
+    stale_runs: int = 0  # runs of the current config made under another identity (version, task file, model, device)
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
 
     @property
@@ -81,15 +83,17 @@ def load_study_data(study_dir: Path | str) -> StudyData:
         meta = json.loads(store.get_meta("study") or "{}")
         ids_json = store.get_meta("study_run_ids")
         all_records = store.runs()
-    if ids_json:
+    if ids_json:  # only the current plan's runs: never results of another identity or config
         wanted = set(json.loads(ids_json))
         records = [r for r in all_records if r.run_id in wanted]
     else:
         records = all_records
+    stale = len(stale_runs(all_records, [(r.run_id, r.config) for r in records]))
     done = [r for r in records if r.status == "done" and r.metrics]
     rows = st.eval_rows((r.run_id, r.config, r.metrics) for r in done)
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
-                     other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])))
+                     other_runs=len(all_records) - len(records) - stale, stale_runs=stale,
+                     overrides=list(meta.get("overrides", [])))
     for r in done:
         counts = hans_breakdown(d, r)
         if counts:
@@ -548,6 +552,9 @@ def _warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
                    f"{counts['pending'] + counts['running']} not run yet. Statistics cover finished runs only.")
     if data.other_runs:
         out.append(f"{data.other_runs} runs in this directory belong to an earlier version of the study config and are not reported.")
+    if data.stale_runs:
+        out.append(f"{data.stale_runs} runs in this directory are stale (made by another fewtune version, task file, model "
+                   "or device) and are not reported; their current counterparts are.")
     seen_sets = {}
     for r in data.rows:
         if r.warning and r.eval_set not in seen_sets:

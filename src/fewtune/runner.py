@@ -80,7 +80,7 @@ def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> d
 def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> RunResult:
     """Run one experiment; write its files to ``out_dir`` (atomically) if given."""
     cfg = resolve(cfg)
-    run_id = cfg.content_hash()  # of the config as requested (before the context is clipped to the model)
+    run_id = cfg.content_hash()  # of exactly the config written to config.yaml
     if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         if not (Path(out_dir) / "metrics.json").exists():
             raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
@@ -98,9 +98,11 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
         verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
         precision = resolve_precision(cfg.precision, dev)
-        cfg = _clip_context(cfg, lm.max_positions)
+        # The methods see the context clipped to the model's window; config.yaml keeps the value
+        # as requested (it is what the run id hashes) and metrics.json records the effective one.
+        run_cfg = _clip_context(cfg, lm.max_positions)
 
-    ctx = RunContext(cfg, task, pattern, lm, verbalizer, precision, dev, meter, train_pool=pool,
+    ctx = RunContext(run_cfg, task, pattern, lm, verbalizer, precision, dev, meter, train_pool=pool,
                      data_dir=data_dir, progress=progress)
     method_cls = METHODS.get(cfg.method)
     method = method_cls(ctx, method_cls.Params.model_validate(cfg.params))
@@ -135,6 +137,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "n": cfg.n,
         "seed": cfg.seed,
         "pattern": pattern.name,
+        "max_context_effective": run_cfg.max_context,
+        "identity": cfg.identity.model_dump(mode="json") if cfg.identity else None,
         "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
         "eval": {},
         "curve": (train_summary or {}).get("curve", []),
@@ -162,7 +166,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         if ev.warning:
             metrics["warnings"].append(f"{ev.name}: {ev.warning}")
         if m["n_skipped"]:
-            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {cfg.max_context} tokens)")
+            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {run_cfg.max_context} tokens)")
 
     if out_dir is not None:
         write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)

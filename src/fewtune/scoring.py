@@ -273,8 +273,11 @@ def _register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError as e:
+        raise PrefixCacheUnsupported(_old_transformers(e)) from None
 
     AttentionInterface.register(_ATTN_NAME, shared_prefix_attention)
     # The model's mask builder looks masks up by implementation name; sdpa's boolean masks (or
@@ -283,9 +286,20 @@ def _register() -> None:
     _REGISTERED = True
 
 
+def _old_transformers(err: ImportError) -> str:
+    """An installed transformers older than pyproject's bound (4.56) lacks the attention/mask
+    registries or per-layer caches the prefix cache plugs into: score naively and say why."""
+    import transformers
+
+    return f"transformers {transformers.__version__} lacks what the prefix cache needs ({err}); upgrade to >= 4.56"
+
+
 def _cache_layers_kv(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys/values per layer of a transformers cache, if it is a plain full-attention one."""
-    from transformers.cache_utils import DynamicLayer
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError as e:
+        raise PrefixCacheUnsupported(_old_transformers(e)) from None
 
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):

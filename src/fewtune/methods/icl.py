@@ -68,10 +68,14 @@ class ICL(Method):
         self.scoring_paths, self.scoring_notes = set(), []
         return None
 
+    def prompts(self, examples: list[Example]) -> tuple[str, list[str]]:
+        """(shared prefix, per-example queries) as scored; also what ``--dry-run`` measures."""
+        ctx = self.ctx
+        return demonstration_prefix(ctx, self.demos), [ctx.task.icl_separator + q for q in ctx.queries(examples)]
+
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
         ctx = self.ctx
-        prefix = demonstration_prefix(ctx, self.demos)
-        queries = [ctx.task.icl_separator + q for q in ctx.queries(examples)]
+        prefix, queries = self.prompts(examples)
         scores = score_prompts(
             ctx.lm.model, ctx.lm.tokenizer, queries, ctx.verbalizer.token_ids,
             prefix=prefix, batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,

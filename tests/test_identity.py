@@ -1,0 +1,152 @@
+"""Run identity: everything that changes a result changes the run id, and config.yaml hashes to it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fewtune import identity
+from fewtune.config import RunConfig, TrainConfig, resolve
+
+TASK_YAML = """\
+name: idtask
+label_names: [negative, positive]
+text_fields: [text]
+train: {path: train.csv}
+eval_sets:
+  dev: {path: dev.csv, in_domain: true}
+patterns:
+  minimal: {template: "{text} ?", verbalizer: [" No", " Yes"]}
+"""
+
+
+def _custom_task(tmp_path: Path) -> Path:
+    (tmp_path / "train.csv").write_text("text,label\ngood,positive\nbad,negative\nfine,positive\nawful,negative\n")
+    (tmp_path / "dev.csv").write_text("text,label\nok,positive\nno,negative\n")
+    p = tmp_path / "idtask.yaml"
+    p.write_text(TASK_YAML)
+    return p
+
+
+def _id(**kw) -> str:
+    return resolve(RunConfig(**kw)).content_hash()
+
+
+def test_identity_block_is_filled_by_resolve():
+    cfg = resolve(RunConfig(task="cola", method="icl"))
+    assert cfg.identity is not None
+    assert cfg.identity.fewtune_version == identity.fewtune_version()
+    assert cfg.identity.device == "cpu" and cfg.identity.precision in ("bf16", "fp32")
+    assert cfg.identity.task_digest is None  # built-in task: pinned by the version
+
+
+def test_version_changes_the_run_id(monkeypatch):
+    before = _id(task="cola", method="icl")
+    monkeypatch.setattr(identity, "fewtune_version", lambda: "99.0")
+    assert _id(task="cola", method="icl") != before
+
+
+def test_commit_changes_the_run_id(monkeypatch):
+    before = _id(task="cola", method="icl")
+    monkeypatch.setattr(identity, "git_commit", lambda: "f" * 40)
+    assert _id(task="cola", method="icl") != before
+
+
+def test_resolved_precision_and_device_change_the_run_id(monkeypatch):
+    cfg = RunConfig(task="cola", method="icl", precision="auto")
+    monkeypatch.setattr(identity, "_device_precision", lambda req: ("cpu", "bf16"))
+    bf16 = resolve(cfg)
+    monkeypatch.setattr(identity, "_device_precision", lambda req: ("cpu", "fp32"))
+    fp32 = resolve(cfg)
+    monkeypatch.setattr(identity, "_device_precision", lambda req: ("cuda", "bf16"))
+    gpu = resolve(cfg)
+    assert len({bf16.content_hash(), fp32.content_hash(), gpu.content_hash()}) == 3
+    assert (fp32.identity.precision, gpu.identity.device) == ("fp32", "cuda")
+
+
+def test_custom_task_file_and_data_change_the_run_id(tmp_path):
+    path = _custom_task(tmp_path)
+    first = _id(task=str(path), method="icl")
+    assert resolve(RunConfig(task=str(path))).identity.task_digest is not None
+    assert _id(task=str(path), method="icl") == first  # stable
+    path.write_text(TASK_YAML.replace('"{text} ?"', '"{text} ??"'))
+    edited_yaml = _id(task=str(path), method="icl")
+    assert edited_yaml != first
+    (tmp_path / "dev.csv").write_text("text,label\nok,positive\nno,positive\n")
+    os.utime(tmp_path / "dev.csv", ns=(1, 1))  # a new mtime: the digest memo must not hide the change
+    assert _id(task=str(path), method="icl") != edited_yaml
+
+
+def test_local_model_directory_changes_the_run_id(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    ids = [identity.model_digest(str(model))]
+    (model / "model.safetensors").write_bytes(b"\1" * 65)  # retrained weights: new size (and mtime)
+    ids.append(identity.model_digest(str(model)))
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    ids.append(identity.model_digest(str(model)))
+    (model / "tokenizer.json").write_text("{}")
+    ids.append(identity.model_digest(str(model)))
+    assert None not in ids and len(set(ids)) == 4
+    assert identity.model_digest("some-org/some-hub-model") is None
+
+
+def test_model_digest_enters_the_run_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "model_digest", lambda model: "a")
+    a = _id(task="cola", method="icl")
+    monkeypatch.setattr(identity, "model_digest", lambda model: "b")
+    assert _id(task="cola", method="icl") != a
+
+
+def test_read_git_head_of_a_worktree_with_packed_refs(tmp_path):
+    common = tmp_path / "repo" / ".git"
+    (common / "worktrees" / "wt").mkdir(parents=True)
+    (common / "packed-refs").write_text("# pack-refs\n" + "a" * 40 + " refs/heads/feature\n")
+    wt_git = common / "worktrees" / "wt"
+    (wt_git / "HEAD").write_text("ref: refs/heads/feature\n")
+    (wt_git / "commondir").write_text("../..\n")
+    checkout = tmp_path / "wt"
+    checkout.mkdir()
+    (checkout / ".git").write_text(f"gitdir: {wt_git}\n")
+    assert identity.read_git_head(checkout / ".git") == "a" * 40
+    (common / "refs" / "heads").mkdir(parents=True)
+    (common / "refs" / "heads" / "feature").write_text("b" * 40 + "\n")  # a loose ref wins over packed
+    assert identity.read_git_head(checkout / ".git") == "b" * 40
+    (wt_git / "HEAD").write_text("c" * 40 + "\n")  # detached
+    assert identity.read_git_head(checkout / ".git") == "c" * 40
+    assert identity.read_git_head(tmp_path / "nothing" / ".git") is None
+
+
+def _hash_yaml(path: Path) -> str:
+    cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert cfg.content_hash() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return cfg.content_hash()
+
+
+def test_config_yaml_hashes_to_the_run_id_even_when_the_context_is_clipped(tmp_path, data_dir):
+    from fewtune.runner import run_experiment
+
+    # tiny-random's window is 2048 positions: a larger max_context is clipped for the run, but
+    # config.yaml keeps what was asked (and hashed) and metrics.json says what was used.
+    cfg = RunConfig(task="cola", method="zero-shot", model="tiny-random", n=1, eval_limit=4, max_context=4096,
+                    train=TrainConfig(max_steps=1))
+    res = run_experiment(cfg, tmp_path / "run", data_dir=data_dir)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert stored["max_context"] == 4096 and metrics["max_context_effective"] == 2048
+    assert _hash_yaml(tmp_path / "run" / "config.yaml") == metrics["run_id"] == res.metrics["run_id"]
+    assert metrics["identity"] == stored["identity"] and stored["identity"]["fewtune_version"]
+
+
+@pytest.mark.parametrize("given", [None, {"fewtune_version": "0.0.1", "device": "tpu", "precision": "fp8"}])
+def test_identity_is_recomputed_whatever_the_config_says(given):
+    cfg = resolve(RunConfig.model_validate({"task": "cola", "identity": given}))
+    assert cfg.identity.fewtune_version == identity.fewtune_version() and cfg.identity.device == "cpu"
