@@ -29,9 +29,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import yaml
+
 from . import stats as st
 from .atomic import write_atomic
-from .errors import ConfigError
+from .claims import ClaimSpec, evaluate_claims
+from .report_claims import CLAIMS_CSV_HEADER, add_claims_section, add_method_section, claims_csv_rows
+from .resample import Scores, load_scores
+from .errors import ConfigError, FewtuneError
 from .store import RunRecord, Store
 
 FIGURES_DIR = "figures"
@@ -67,6 +72,9 @@ class StudyData:
     hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
+    scores: dict[str, dict[str, Scores]] = field(default_factory=dict)  # run id → eval set → per-example outcomes
+    claims: list[ClaimSpec] = field(default_factory=list)  # declared by the study config (study.yaml)
+    arms: dict[str, str] = field(default_factory=dict)  # run id → arm label, over all runs (failed ones too)
 
     @property
     def done(self) -> list[RunRecord]:
@@ -87,14 +95,49 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     else:
         records = all_records
     done = [r for r in records if r.status == "done" and r.metrics]
-    rows = st.eval_rows((r.run_id, r.config, r.metrics) for r in done)
+    arms = st.arm_labels({r.run_id: r.config for r in records})
+    rows = st.eval_rows(((r.run_id, r.config, r.metrics) for r in done), arms)
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
-                     other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])))
+                     other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])),
+                     claims=_study_claims(d), arms=arms)
     for r in done:
+        if r.run_dir:
+            data.scores[r.run_id] = load_scores(d / r.run_dir / "predictions.jsonl")
+
         counts = hans_breakdown(d, r)
         if counts:
             data.hans[r.run_id] = counts
     return data
+
+
+def _study_claims(study_dir: Path) -> list[ClaimSpec]:
+    """The claims declared in the study config stored beside the results (study.yaml)."""
+    from .study import STUDY_FILE, parse_study
+
+    path = study_dir / STUDY_FILE
+    if not path.is_file():
+        return []
+    study = parse_study(yaml.safe_load(path.read_text()), str(path))
+    return [ClaimSpec.model_validate(c) for c in study.claims]
+
+
+def failed_counts(data: StudyData) -> dict[tuple[str, str, str, int], int]:
+    """Failed runs per (model, task, arm, n): they have no metrics, but every cell says how many."""
+    out: dict[tuple[str, str, str, int], int] = defaultdict(int)
+    for r in data.records:
+        if r.status == "failed":
+            out[(str(r.config.get("model")), r.task, data.arms.get(r.run_id, r.method), int(r.n))] += 1
+    return dict(out)
+
+
+def report_metrics(task: str) -> tuple[str, ...]:
+    """The metrics a task asks the report to show (``Task.report_metrics``); accuracy if unknown."""
+    from .tasks import TASKS
+
+    try:
+        return tuple(TASKS.get(task).report_metrics)
+    except FewtuneError:
+        return ("accuracy",)
 
 
 def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], tuple[int, int]]:
@@ -515,25 +558,33 @@ def _eval_sets_ordered(rows: Sequence[st.EvalRow], model: str, task: str) -> lis
     return [s for _, s in sorted(sets)]
 
 
-def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_set: str, metric: str) -> tuple[list[str], list[list[str]]]:
+def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_set: str, metric: str,
+                  failed: dict[tuple[str, str, str, int], int] | None = None,
+                  collapsed: dict[tuple[str, int, str], int] | None = None) -> tuple[list[str], list[list[str]]]:
     """Rows: method arms (majority baseline first); columns: n. Cells: mean ± CI half-width (runs);
-    '≈' marks a result indistinguishable from the majority baseline (or chance on HANS)."""
+    '≈' marks a result indistinguishable from the majority baseline (or chance on HANS); 'k failed'
+    counts runs of the cell that failed (they have no result), '⚠ k collapsed' runs that collapsed."""
+    failed = {k: v for k, v in (failed or {}).items() if k[0] == model and k[1] == task}
+    collapsed = collapsed or {}
     cells = [r for r in summary if r.model == model and r.task == task and r.eval_set == eval_set and r.metric == metric]
-    ns = sorted({r.n for r in cells if r.n is not None})
+    ns = sorted({r.n for r in cells if r.n is not None} | {k[3] for k in failed})
     header = ["method", *[f"n={n}" for n in ns]]
     rows: list[list[str]] = []
     base = [r for r in cells if r.method == st.MAJORITY]
     if base:
         rows.append(["majority baseline" if not eval_set.startswith("hans") else "majority / chance", *[f"{base[0].baseline:.3f}"] * len(ns)])
     arms = []
-    for r in cells:
-        if r.method != st.MAJORITY and r.arm not in arms:
-            arms.append(r.arm)
+    for arm in [r.arm for r in cells if r.method != st.MAJORITY] + [k[2] for k in sorted(failed, key=lambda k: st._arm_sort(k[2]))]:
+        if arm not in arms:
+            arms.append(arm)
     for arm in arms:
         line = [arm]
         for n in ns:
             c = next((r for r in cells if r.arm == arm and r.n == n), None)
-            line.append("–" if c is None else fmt_summary(c.stats) + (" ≈" if c.at_baseline and c.method != st.MAJORITY else ""))
+            text = "–" if c is None else fmt_summary(c.stats) + (" ≈" if c.at_baseline and c.method != st.MAJORITY else "")
+            notes = [f"{k} failed" for k in [failed.get((model, task, arm, n), 0)] if k]
+            notes += [f"⚠ {k} collapsed" for k in [collapsed.get((arm, n, eval_set), 0)] if k]
+            line.append(text + (f" [{', '.join(notes)}]" if notes else ""))
         rows.append(line)
     return header, rows
 
@@ -592,7 +643,14 @@ def _warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
     return out
 
 
-def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) -> tuple[Doc, list[Path], list[Path]]:
+def _claim_specs(data: StudyData, margin: float | None) -> list[ClaimSpec]:
+    """The study's claims; ``margin`` (``fewtune report --margin``) replaces every claim's margin."""
+    if margin is None:
+        return data.claims
+    return [s.model_copy(update={"margin": margin}) if s.kind != "direction" else s for s in data.claims]
+
+
+def build_report(data: StudyData, study_dir: Path, margin: float | None = None) -> tuple[Doc, list[Path], list[Path]]:
     """Compute statistics, write figures and CSVs, and assemble the document."""
     fig_dir, csv_dir = study_dir / FIGURES_DIR, study_dir / CSV_DIR
     rows = data.rows
@@ -600,7 +658,17 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     comparisons = st.paired_comparisons(rows, "vanilla", "accuracy")
     all_pairs = st.paired_comparisons(rows, None, "accuracy")
     gaps = st.id_ood_gaps(rows)
-    claims = st.evaluate_claims(rows, margin=margin)
+    specs = _claim_specs(data, margin)
+    failed = failed_counts(data)
+    failed_by_method: dict[str, int] = defaultdict(int)
+    for r in data.records:
+        if r.status == "failed":
+            failed_by_method[r.method] += 1
+    claims = evaluate_claims(specs, rows, data.scores, failed_by_method)
+    collapsed: dict[tuple[str, int, str], int] = defaultdict(int)
+    for r in rows:
+        if r.collapsed:
+            collapsed[(r.arm, r.n, r.eval_set)] += 1
     figures: list[Path] = []
     csvs: list[Path] = []
     doc = Doc()
@@ -634,30 +702,13 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     else:
         doc.p("None.")
 
-    # claims
-    doc.h(2, "Claims of the study")
-    doc.p(f"Each claim of Srinivasan et al. (2024) (and, for ICL, Mosbach et al. 2023) checked against this study's runs. "
-          f"Comparisons are paired on the same few-shot sample (model, task, n, data seed, eval set) and pooled over tasks "
-          f"and n; a method with several arms (e.g. LoRA ranks) is averaged over its arms first, as the study pooled them. "
-          f"Direction claims use the paired t-test at α = {st.ALPHA} (Wilcoxon signed-rank p as a check); 'comparable' "
-          f"claims need the 95 % CI of the mean difference inside ±{margin:.2f}. A claim needs ≥ {st.MIN_PAIRS} pairs from "
-          f"≥ {st.MIN_SEEDS} data seeds, else 'not enough data'.")
-    doc.table(["claim", "methods", "verdict", "evidence"], [[c.claim, ", ".join(c.methods), c.verdict, c.reason] for c in claims])
-    per_task = []
-    for c in claims:
-        for t in c.tests:
-            for task, pt in t.per_task.items():
-                per_task.append([c.key, t.label, task, _fmt_diff(pt), _fmt_p(pt.t_p), _fmt_p(pt.w_p), str(pt.n_pairs)])
-    if per_task:
-        doc.table(["claim", "comparison", "task", "mean diff [95% CI]", "t-test p", "Wilcoxon p", "pairs"], per_task,
-                  caption="the claims' comparisons per task")
-    caveats = [f"{c.key}: {cv}" for c in claims for cv in c.caveats]
-    doc.items(caveats)
+    add_claims_section(doc, specs, claims)
 
     # results tables
     doc.h(2, "Results")
     doc.p("Mean ± 95 % CI half-width over data seeds (number of runs in parentheses); ≈ marks a result "
-          "indistinguishable from the majority baseline (HANS: chance). Full statistics (std, min, max) in `csv/summary.csv`.")
+          "indistinguishable from the majority baseline (HANS: chance); [k failed] counts runs of the cell that failed (not in "
+          "the mean), [⚠ k collapsed] runs whose predictions collapsed. Full statistics (std, min, max) in `csv/summary.csv`.")
     for model in models:
         for task in tasks:
             sets = _eval_sets_ordered(rows, model, task)
@@ -666,9 +717,8 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
             doc.h(3, f"{model} · {task}")
             for es in sets:
                 domain = next(r.domain for r in rows if r.eval_set == es and r.task == task)
-                metrics = ["accuracy", "mcc"] if task == "cola" else ["accuracy"]
-                for metric in metrics:
-                    header, trows = results_table(summary, model, task, es, metric)
+                for metric in report_metrics(task):
+                    header, trows = results_table(summary, model, task, es, metric, failed, collapsed)
                     doc.table(header, trows, caption=f"{es} ({domain.upper()}) {metric.upper() if metric == 'mcc' else metric}")
 
     # plots
@@ -697,7 +747,9 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     doc.h(2, "Paired comparisons with vanilla fine-tuning")
     if comparisons:
         doc.p("Each method arm minus vanilla FT on the same few-shot samples (same data seeds): mean difference in accuracy "
-              "with its 95 % t-interval, paired t-test and Wilcoxon signed-rank test. Every pair of methods is in `csv/paired.csv`.")
+              "with its 95 % t-interval over seeds, paired t-test and Wilcoxon signed-rank test. These per-cell intervals leave the "
+              "eval-sampling error out (every seed is scored on the same examples); the claims above include it. Every pair of "
+              "methods is in `csv/paired.csv`.")
         doc.table(["model", "task", "n", "eval set", "method", "vs", "mean diff [95% CI]", "t-test p", "Wilcoxon p", "pairs"],
                   [[c.model, c.task, c.n, c.eval_set, c.arm_a, c.arm_b, _fmt_diff(c.test), _fmt_p(c.test.t_p), _fmt_p(c.test.w_p),
                     str(c.test.n_pairs)] for c in comparisons])
@@ -748,6 +800,8 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     else:
         doc.p("None.")
 
+    add_method_section(doc, specs)
+
     # method notes
     doc.h(2, "How to read this report")
     doc.items([
@@ -780,11 +834,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         ["model", "task", "method", "arm", "n", "id_set", "ood_set", "runs", "id_mean", "ood_mean", "gap_mean", "gap_std", "gap_ci_low", "gap_ci_high"],
         [[g.model, g.task, g.method, g.arm, g.n, g.id_set, g.ood_set, g.gap.count, g.id.mean, g.ood.mean, g.gap.mean, g.gap.std,
           g.gap.ci_low, g.gap.ci_high] for g in gaps]))
-    csvs.append(_write_csv(csv_dir / "claims.csv",
-        ["claim", "statement", "methods", "verdict", "reason", "comparison", "pairs", "seeds", "mean_diff", "ci_low", "ci_high", "t_p", "wilcoxon_p"],
-        [[c.key, c.claim, " ".join(c.methods), c.verdict, c.reason, t.label, t.test.n_pairs, t.seeds, t.test.mean_diff, t.test.ci_low,
-          t.test.ci_high, t.test.t_p, t.test.w_p] for c in claims for t in (c.tests or [None]) if t is not None]
-        + [[c.key, c.claim, " ".join(c.methods), c.verdict, c.reason, "", 0, 0, None, None, None, None, None] for c in claims if not c.tests]))
+    csvs.append(_write_csv(csv_dir / "claims.csv", CLAIMS_CSV_HEADER, claims_csv_rows(claims, {c.key: c for c in specs})))
     csvs.append(_write_csv(csv_dir / "resources.csv",
         ["model", "task", "method", "n", "runs", "peak_memory_mb", "memory_kind", "trainable_params", "total_params", "train_seconds", "eval_seconds"],
         [r[11] for r in res_rows]))
@@ -815,7 +865,7 @@ def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
     return out
 
 
-def write_report(study_dir: Path | str, margin: float = st.MARGIN) -> ReportPaths:
+def write_report(study_dir: Path | str, margin: float | None = None) -> ReportPaths:
     """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``csv/*.csv`` into the study dir."""
     d = Path(study_dir)
     data = load_study_data(d)

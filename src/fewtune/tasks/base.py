@@ -67,6 +67,8 @@ class Task:
     # Instruction the context-distillation teacher sees before its demonstrations.
     instruction: str = ""
     notes: tuple[str, ...] = ()
+    # Metrics the report tables show for this task (keys of an eval set's metrics).
+    report_metrics: tuple[str, ...] = ("accuracy",)
 
     @property
     def num_labels(self) -> int:

@@ -143,6 +143,7 @@ COLA = Task(
     patterns=COLA_PATTERNS,
     default_pattern="minimal",
     default_eval_sets=("cola-id", "cola-ood"),
+    report_metrics=("accuracy", "mcc"),  # MCC is CoLA's official GLUE metric
     in_domain=("cola-id", "cola-glue-dev"),
     icl_separator=" ",  # llmft joins CoLA demonstrations with a space
     instruction="Is the following sentence grammatically acceptable in English? Answer Yes or No.",
