@@ -215,3 +215,20 @@ def test_bootstrap_includes_eval_sampling_error_that_a_seed_interval_misses() ->
     assert (t.ci_high - t.ci_low) > 3 * (t.t_high - t.t_low)  # the verdict's interval is the wide one
     lo, hi = boot.ci(0.95)
     assert t.ci_low <= lo and t.ci_high >= hi
+
+
+def test_few_seeds_keep_the_t_correction() -> None:
+    """3 samples with differences −0.02, −0.08, −0.14: every bootstrap resample is negative (a
+    percentile bootstrap over 3 values under-covers), but the paired t-test gives p ≈ 0.15."""
+    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.70), n_eval=5000) for s in range(3)]
+    pb = [make_run("cola", "pbft", 16, s, (0.70, 0.68 - 0.06 * s), n_eval=5000) for s in range(3)]
+    c = _claims(van + pb)["pbft-worse-ood"]
+    assert c.tests[0].p == pytest.approx(0.147, abs=0.01)
+    assert c.verdict == "not supported"
+    # the same for intervals: differences −0.02, −0.06, −0.10 — the bootstrap's 90 % interval stays
+    # above −0.10 (non-inferior), the t-interval reaches −0.127: the verdict must not claim it
+    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.70), n_eval=5000) for s in range(3)]
+    ad = [make_run("cola", "adaptive", 16, s, (0.68 - 0.04 * s, 0.68 - 0.04 * s), n_eval=5000) for s in range(3)]
+    c = _claims(van + ad)["efficient-comparable"]
+    assert c.tests[0].boot.ci(0.9)[0] > -0.10 and c.tests[0].ci_low == pytest.approx(-0.127, abs=0.002)
+    assert c.verdict == "inconclusive"
