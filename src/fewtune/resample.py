@@ -75,6 +75,7 @@ class _Block:
     """One (task, eval set): the example axis every unit of that task shares."""
 
     ids: list[str]
+    pos: dict[str, int] = field(default_factory=dict)  # id → column
     num_a: list[np.ndarray] = field(default_factory=list)
     num_b: list[np.ndarray] = field(default_factory=list)
     den: list[np.ndarray] = field(default_factory=list)
@@ -163,6 +164,7 @@ def _blocks(cand, scores) -> dict[tuple[str, str], _Block]:
                 b.ids.extend(s.ids.tolist())
     for b in blocks.values():
         b.ids = sorted(set(b.ids)) if b.resampled else ["<stored accuracy>"]
+        b.pos = {i: k for k, i in enumerate(b.ids)}
     return blocks
 
 
@@ -199,7 +201,7 @@ def _unit_block(cell, block: _Block, scores, side_a, side_b, es, domain, n_sets)
     if not block.resampled:
         acc = lambda r: np.array([r.accuracy])  # noqa: E731
         return es, _side(cell, side_a, es, domain, n_sets, acc), _side(cell, side_b, es, domain, n_sets, acc), np.ones(1)
-    pos = {i: k for k, i in enumerate(block.ids)}
+    pos = block.pos
     mask = np.ones(len(block.ids), dtype=bool)
     dense: dict[str, np.ndarray] = {}
     for r in runs:
@@ -216,16 +218,23 @@ def _unit_block(cell, block: _Block, scores, side_a, side_b, es, domain, n_sets)
     return es, _side(cell, side_a, es, domain, n_sets, correct), _side(cell, side_b, es, domain, n_sets, correct), mask.astype(np.float64)
 
 
-def _block_values(b: _Block, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-replicate values (rows of ``w``) of sides A and B for the block's units."""
-    den = w @ np.vstack(b.den).T
-    obs_den = np.vstack(b.den).sum(axis=1)
-    a, bb = w @ np.vstack(b.num_a).T, w @ np.vstack(b.num_b).T
-    empty = den <= 0  # every surviving example drawn zero times: keep the observed value
-    den = np.where(empty, obs_den, den)
-    a = np.where(empty, np.vstack(b.num_a).sum(axis=1), a)
-    bb = np.where(empty, np.vstack(b.num_b).sum(axis=1), bb)
-    return a / den, bb / den
+def _block_values(na: np.ndarray, nb: np.ndarray, den: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-replicate values (rows of ``w``) of sides A and B for a block's units (rows of na/nb/den)."""
+    d = w @ den.T
+    a, b = w @ na.T, w @ nb.T
+    empty = d <= 0  # every surviving example drawn zero times: keep the observed value
+    if empty.any():
+        d = np.where(empty, den.sum(axis=1), d)
+        a = np.where(empty, na.sum(axis=1), a)
+        b = np.where(empty, nb.sum(axis=1), b)
+    return a / d, b / d
+
+
+def _draw_weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """k bootstrap resamples of n examples as counts per example (n draws with replacement each);
+    bincount is ~2.5× faster than ``Generator.multinomial`` for 30k-example eval sets."""
+    draws = rng.integers(0, n, size=(k, n))
+    return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
 
 
 def _eval_replicates(blocks, n_units: int, replicates: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
@@ -234,10 +243,11 @@ def _eval_replicates(blocks, n_units: int, replicates: int, rng: np.random.Gener
     va, vb = np.zeros((reps, n_units)), np.zeros((reps, n_units))
     for b in blocks.values():
         n = len(b.ids)
+        na, nb, den = np.vstack(b.num_a), np.vstack(b.num_b), np.vstack(b.den)
         for start in range(0, reps, max(1, _CHUNK_CELLS // n)):
             k = min(reps - start, max(1, _CHUNK_CELLS // n))
-            w = np.ones((k, n)) if rng is None or not b.resampled else rng.multinomial(n, np.full(n, 1 / n), size=k).astype(np.float64)
-            a, bb = _block_values(b, w)
+            w = np.ones((k, n)) if rng is None or not b.resampled else _draw_weights(rng, n, k)
+            a, bb = _block_values(na, nb, den, w)
             va[start:start + k, b.units] += a
             vb[start:start + k, b.units] += bb
     return va, vb
