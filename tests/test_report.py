@@ -54,7 +54,8 @@ def write_predictions(run_dir: Path, metrics: dict, skip: int = 0) -> None:
 def build_study(root: Path, runs, failed=(), pending=(), claims=("srinivasan2024",)) -> Path:
     """A study directory as run_study leaves it, from synthetic (run id, config, metrics) triples."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study.yaml").write_text(yaml.safe_dump({"name": "synthetic", "claims": list(claims)}))
+    methods = list(dict.fromkeys(cfg["method"] for _, cfg, _ in [*runs, *failed, *pending]))
+    (root / "study.yaml").write_text(yaml.safe_dump({"name": "synthetic", "methods": methods[::-1], "claims": list(claims)}))
     with Store(root) as s:
         s.set_meta("study", json.dumps({"name": "synthetic", "description": "a test study", "source": "test"}))
         all_runs = [*runs, *failed, *pending]
@@ -73,9 +74,10 @@ def build_study(root: Path, runs, failed=(), pending=(), claims=("srinivasan2024
 
 
 def _full_runs():
+    """Runs in the reverse of METHODS: the report must follow the study config's order (METHODS)."""
     runs = []
     for task in ("cola", "mnli"):
-        for mi, method in enumerate(METHODS):
+        for mi, method in reversed(list(enumerate(METHODS))):
             for n in (2, 16):
                 for seed in range(3):
                     # methods differ by 0.02 per rank, plus a seed-dependent wobble so paired

@@ -129,8 +129,10 @@ def test_paired_comparisons_pair_by_seed_only() -> None:
     c = comps[0]
     assert (c.arm_a, c.arm_b, c.seeds) == ("pbft", "vanilla", (0, 1, 2, 3))  # seed 9 has no partner
     assert c.test.mean_diff == pytest.approx(-0.0825)
+    every = [c for c in st.paired_comparisons(rows, reference_method=None, order=["vanilla", "pbft"]) if c.eval_set == "cola-id"]
+    assert [(c.arm_a, c.arm_b) for c in every] == [("pbft", "vanilla")]  # B is earlier in the study's method order
     every = [c for c in st.paired_comparisons(rows, reference_method=None) if c.eval_set == "cola-id"]
-    assert [(c.arm_a, c.arm_b) for c in every] == [("pbft", "vanilla")]  # B is earlier in the method order
+    assert [(c.arm_a, c.arm_b) for c in every] == [("vanilla", "pbft")]  # no order given: by name
 
 
 # ---------------------------------------------------------------------------------------------

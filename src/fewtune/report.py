@@ -75,6 +75,7 @@ class StudyData:
     scores: dict[str, dict[str, Scores]] = field(default_factory=dict)  # run id → eval set → per-example outcomes
     claims: list[ClaimSpec] = field(default_factory=list)  # declared by the study config (study.yaml)
     arms: dict[str, str] = field(default_factory=dict)  # run id → arm label, over all runs (failed ones too)
+    method_order: list[str] = field(default_factory=list)  # the study config's methods, in its order: tables follow it
 
     @property
     def done(self) -> list[RunRecord]:
@@ -99,7 +100,8 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     rows = st.eval_rows(((r.run_id, r.config, r.metrics) for r in done), arms)
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
                      other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])),
-                     claims=_study_claims(d), arms=arms)
+                     arms=arms)
+    data.claims, data.method_order = _study_claims_and_order(d, records)
     for r in done:
         if r.run_dir:
             data.scores[r.run_id] = load_scores(d / r.run_dir / "predictions.jsonl")
@@ -110,15 +112,18 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     return data
 
 
-def _study_claims(study_dir: Path) -> list[ClaimSpec]:
-    """The claims declared in the study config stored beside the results (study.yaml)."""
+def _study_claims_and_order(study_dir: Path, records: Sequence[RunRecord]) -> tuple[list[ClaimSpec], list[str]]:
+    """The claims declared in the study config stored beside the results (study.yaml), and its
+    method order (without a config: the order in which the study registered its runs)."""
     from .study import STUDY_FILE, parse_study
 
+    order = list(dict.fromkeys(r.method for r in records))
     path = study_dir / STUDY_FILE
     if not path.is_file():
-        return []
+        return [], order
     study = parse_study(yaml.safe_load(path.read_text()), str(path))
-    return [ClaimSpec.model_validate(c) for c in study.claims]
+    listed = list(dict.fromkeys(m["method"] for m in study.methods or []))
+    return [ClaimSpec.model_validate(c) for c in study.claims], listed + [m for m in order if m not in listed]
 
 
 def failed_counts(data: StudyData) -> dict[tuple[str, str, str, int], int]:
@@ -340,17 +345,17 @@ def _slug(*parts: str) -> str:
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def _method_color(method: str) -> str:
-    return _COLORS[st.method_rank(method) % len(_COLORS)]
+def _method_color(method: str, order: Sequence[str]) -> str:
+    return _COLORS[st.method_rank(method, order)[0] % len(_COLORS)] if method in order else _COLORS[sum(map(ord, method)) % len(_COLORS)]
 
 
-def _arm_styles(arms: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+def _arm_styles(arms: Sequence[tuple[str, str]], order: Sequence[str]) -> dict[str, tuple[str, str]]:
     """(color, linestyle) per arm: colour by method, line style tells a method's arms apart."""
     styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     seen: dict[str, int] = defaultdict(int)
     out = {}
     for method, arm in arms:
-        out[arm] = (_method_color(method), styles[seen[method] % len(styles)])
+        out[arm] = (_method_color(method, order), styles[seen[method] % len(styles)])
         seen[method] += 1
     return out
 
@@ -359,14 +364,15 @@ def _arm_styles(arms: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
 # plots
 
 
-def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eval_sets: Sequence[str], path: Path) -> Path | None:
+def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eval_sets: Sequence[str], path: Path,
+                       order: Sequence[str] = ()) -> Path | None:
     """Mean accuracy vs n per arm with 95 % CI bands, one panel per eval set (ID first)."""
     cells = [r for r in rows if r.model == model and r.task == task and r.metric == "accuracy"]
     if not cells:
         return None
     fig = Figure(figsize=(5.2 * len(eval_sets) + 1.8, 4.2), layout="constrained")
-    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0]), st._arm_sort(x[1])))
-    styles = _arm_styles(arms)
+    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0], order), st._arm_sort(x[1])))
+    styles = _arm_styles(arms, order)
     ns = sorted({r.n for r in cells if r.n is not None})
     for i, es in enumerate(eval_sets):
         ax = fig.add_subplot(1, len(eval_sets), i + 1)
@@ -406,7 +412,7 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
     return _save_fig(fig, path)
 
 
-def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path) -> Path | None:
+def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path, order: Sequence[str] = ()) -> Path | None:
     """Every run as a point: ID accuracy (x) vs OOD accuracy (y), as in Mosbach et al. (2023)."""
     by_run: dict[str, list[st.EvalRow]] = defaultdict(list)
     for r in rows:
@@ -426,11 +432,11 @@ def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path
     for k, (id_set, ood_set) in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), k + 1)
         pts = pairs[(id_set, ood_set)]
-        for method in sorted({i.method for i, _ in pts}, key=st.method_rank):
+        for method in sorted({i.method for i, _ in pts}, key=lambda m: st.method_rank(m, order)):
             for j, n in enumerate(ns):
                 sel = [(i.accuracy, o.accuracy) for i, o in pts if i.method == method and i.n == n]
                 if sel:
-                    ax.scatter(*zip(*sel), color=_method_color(method), marker=markers[j % len(markers)], alpha=0.7, s=28,
+                    ax.scatter(*zip(*sel), color=_method_color(method, order), marker=markers[j % len(markers)], alpha=0.7, s=28,
                                label=f"{method} n={n}" if len(ns) > 1 else method)
         lims = [0, 1]
         ax.plot(lims, lims, color="gray", linewidth=0.8, linestyle=":")
@@ -459,14 +465,14 @@ class CostPoint:
     on_front_params: bool = False
 
 
-def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str) -> list[CostPoint]:
+def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str, order: Sequence[str] = ()) -> list[CostPoint]:
     """Mean accuracy, peak memory and trainable parameters per (arm, n), with Pareto flags."""
     cells: dict[tuple[str, str, int], list[st.EvalRow]] = defaultdict(list)
     for r in rows:
         if r.model == model and r.task == task and r.eval_set == eval_set:
             cells[(r.arm, r.method, r.n)].append(r)
     raw = []
-    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1]), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
         mem = [r.peak_memory_mb for r in rs if r.peak_memory_mb is not None]
         tr = [r.trainable_params for r in rs if r.trainable_params is not None]
         raw.append((arm, method, n, float(np.nanmean([r.accuracy for r in rs])),
@@ -476,7 +482,7 @@ def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str
     return [CostPoint(a, m, n, acc, mem, tr, f1, f2) for (a, m, n, acc, mem, tr), f1, f2 in zip(raw, fm, fp)]
 
 
-def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: str, path: Path) -> Path | None:
+def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: str, path: Path, order: Sequence[str] = ()) -> Path | None:
     """Accuracy vs peak memory and vs trainable parameters; the Pareto front is drawn and ringed."""
     if not points:
         return None
@@ -484,10 +490,10 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
     for k, (attr, flag, xlabel) in enumerate((("memory_mb", "on_front_memory", "peak memory (MB)"),
                                                ("trainable", "on_front_params", "trainable parameters"))):
         ax = fig.add_subplot(1, 2, k + 1)
-        for method in sorted({p.method for p in points}, key=st.method_rank):
+        for method in sorted({p.method for p in points}, key=lambda m: st.method_rank(m, order)):
             sel = [p for p in points if p.method == method and math.isfinite(getattr(p, attr))]
             if sel:
-                ax.scatter([getattr(p, attr) for p in sel], [p.accuracy for p in sel], color=_method_color(method), label=method, s=30, alpha=0.8)
+                ax.scatter([getattr(p, attr) for p in sel], [p.accuracy for p in sel], color=_method_color(method, order), label=method, s=30, alpha=0.8)
         front = sorted((p for p in points if getattr(p, flag)), key=lambda p: getattr(p, attr))
         if front:
             ax.step([getattr(p, attr) for p in front], [p.accuracy for p in front], where="post", color="black", linewidth=1, label="Pareto front")
@@ -504,7 +510,7 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
     return _save_fig(fig, path)
 
 
-def hans_table(data: StudyData, model: str) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
+def hans_table(data: StudyData, model: str, order: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
     """Per (arm, n): accuracy over seeds for each heuristic × gold label on HANS."""
     cols = [f"{h} / {lab}" for h in HANS_HEURISTICS for lab in HANS_LABELS]
     cells: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -517,12 +523,13 @@ def hans_table(data: StudyData, model: str) -> tuple[list[str], list[tuple[str, 
             if total:
                 cells[(arm, r.method, r.n)][f"{h} / {lab}"].append(correct / total)
     out = []
-    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1]), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
         out.append((arm, method, n, {c: st.summarize(vals.get(c, [])) for c in cols}))
     return cols, out
 
 
-def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, path: Path) -> Path | None:
+def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, path: Path,
+              order: Sequence[str] = ()) -> Path | None:
     """Grouped bars: HANS accuracy per heuristic × label, one bar per method arm, one panel per n."""
     if not table:
         return None
@@ -536,7 +543,7 @@ def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str
         for j, (arm, method, _, vals) in enumerate(rows):
             means = [vals[c].mean if vals[c].count else np.nan for c in cols]
             errs = [vals[c].half_width if math.isfinite(vals[c].half_width) else 0 for c in cols]
-            ax.bar(x + (j - (len(rows) - 1) / 2) * width, means, width, yerr=errs, color=_method_color(method),
+            ax.bar(x + (j - (len(rows) - 1) / 2) * width, means, width, yerr=errs, color=_method_color(method, order),
                    alpha=0.85, label=arm, capsize=2, edgecolor="white", linewidth=0.5)
         ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(x)
@@ -654,10 +661,11 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
     """Compute statistics, write figures and CSVs, and assemble the document."""
     fig_dir, csv_dir = study_dir / FIGURES_DIR, study_dir / CSV_DIR
     rows = data.rows
-    summary = st.summary_table(rows)
-    comparisons = st.paired_comparisons(rows, "vanilla", "accuracy")
-    all_pairs = st.paired_comparisons(rows, None, "accuracy")
-    gaps = st.id_ood_gaps(rows)
+    order = data.method_order
+    summary = st.summary_table(rows, order=order)
+    comparisons = st.paired_comparisons(rows, "vanilla", "accuracy", order)
+    all_pairs = st.paired_comparisons(rows, None, "accuracy", order)
+    gaps = st.id_ood_gaps(rows, order=order)
     specs = _claim_specs(data, margin)
     failed = failed_counts(data)
     failed_by_method: dict[str, int] = defaultdict(int)
@@ -688,7 +696,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
         ["runs", f"{counts['done']} done, {counts['failed']} failed, {counts['pending'] + counts['running']} pending (of {len(data.records)})"],
         ["models", ", ".join(model_names) or "–"],
         ["tasks", ", ".join(tasks) or "–"],
-        ["methods", ", ".join(sorted({r.method for r in rows}, key=st.method_rank)) or "–"],
+        ["methods", ", ".join(sorted({r.method for r in rows}, key=lambda m: st.method_rank(m, order))) or "–"],
         ["n per class", ", ".join(str(n) for n in sorted({r.n for r in rows})) or "–"],
         ["data seeds", ", ".join(str(s) for s in sorted({r.seed for r in rows})) or "–"],
         ["overrides", " ".join(f"--set {o}" for o in data.overrides) or "none"],
@@ -728,17 +736,17 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
             sets = _eval_sets_ordered(rows, model, task)
             if not sets:
                 continue
-            p = plot_accuracy_vs_n(summary, model, task, sets, fig_dir / f"{_slug('acc_vs_n', model, task)}.png")
+            p = plot_accuracy_vs_n(summary, model, task, sets, fig_dir / f"{_slug('acc_vs_n', model, task)}.png", order)
             if p:
                 figures.append(p)
                 doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task}: accuracy vs n per method with 95% CI bands")
-            p = plot_id_vs_ood(rows, model, task, fig_dir / f"{_slug('id_vs_ood', model, task)}.png")
+            p = plot_id_vs_ood(rows, model, task, fig_dir / f"{_slug('id_vs_ood', model, task)}.png", order)
             if p:
                 figures.append(p)
                 doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task}: ID vs OOD accuracy of every run")
             for es in sets:
-                pts = cost_points(rows, model, task, es)
-                p = plot_pareto(pts, model, task, es, fig_dir / f"{_slug('pareto', model, task, es)}.png")
+                pts = cost_points(rows, model, task, es, order)
+                p = plot_pareto(pts, model, task, es, fig_dir / f"{_slug('pareto', model, task, es)}.png", order)
                 if p:
                     figures.append(p)
                     doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task} · {es}: accuracy vs peak memory and trainable parameters (Pareto front ringed)")
@@ -767,7 +775,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
 
     # resources
     doc.h(2, "Resources")
-    res_rows = _resource_rows(rows)
+    res_rows = _resource_rows(rows, order)
     if res_rows:
         doc.p("Per run (means over runs): peak memory (CPU: process RSS high-water mark; GPU: max allocated), trainable and "
               "total parameters, training and evaluation wall time.")
@@ -776,14 +784,14 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
 
     # HANS
     for model in models:
-        cols, htable = hans_table(data, model)
+        cols, htable = hans_table(data, model, order)
         if not htable:
             continue
         doc.h(2, f"HANS per heuristic and label ({model})")
         doc.p("Accuracy on HANS per heuristic and gold label (from the per-example predictions). A model that relies on "
               "lexical overlap scores near 1 on entailment and near 0 on non-entailment.")
         doc.table(["method", "n", *cols], [[arm, n, *[fmt_summary(v[c]) for c in cols]] for arm, _, n, v in htable])
-        p = plot_hans(cols, htable, model, fig_dir / f"{_slug('hans', model)}.png")
+        p = plot_hans(cols, htable, model, fig_dir / f"{_slug('hans', model)}.png", order)
         if p:
             figures.append(p)
             doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model}: HANS accuracy per heuristic and label")
@@ -841,7 +849,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
     return doc, figures, csvs
 
 
-def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
+def _resource_rows(rows: Sequence[st.EvalRow], order: Sequence[str] = ()) -> list[list[Any]]:
     """One row per (model, task, arm, n), resources are per run (the first eval row of each run)."""
     per_run: dict[str, st.EvalRow] = {}
     for r in rows:
@@ -850,7 +858,7 @@ def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
     for r in per_run.values():
         cells[(r.model, r.task, r.method, r.arm, r.n)].append(r)
     out = []
-    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2]), st._arm_sort(kv[0][3]), kv[0][4])):
+    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2], order), st._arm_sort(kv[0][3]), kv[0][4])):
         def mean(attr: str) -> float:
             v = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
             return float(np.mean(v)) if v else math.nan

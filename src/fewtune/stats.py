@@ -290,7 +290,7 @@ def indistinguishable(s: Summary, baseline: float, n_eval: int, metric: str = "a
     return bool(abs(s.mean - baseline) <= baseline_margin(s, baseline, n_eval, metric))
 
 
-def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy", "mcc")) -> list[SummaryRow]:
+def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy", "mcc"), order: Sequence[str] = ()) -> list[SummaryRow]:
     """Summaries per (model, task, arm, n, eval set, metric), plus one majority-baseline row per
     (model, task, eval set, metric)."""
     groups: dict[tuple, list[EvalRow]] = defaultdict(list)
@@ -306,7 +306,7 @@ def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy",
             b = baseline_for(metric, maj.mean)
             out.append(SummaryRow(model, task, MAJORITY, "majority baseline", None, eval_set, domain, metric,
                                   summarize([b] * len({r.run_id for r in rs})), b, True))
-        for (model, task, method, arm, n, eval_set, domain), rs in sorted(groups.items(), key=lambda kv: _group_sort(kv[0])):
+        for (model, task, method, arm, n, eval_set, domain), rs in sorted(groups.items(), key=lambda kv: _group_sort(kv[0], order)):
             s = summarize(r.value(metric) for r in rs)
             b = baseline_for(metric, float(np.nanmean([r.majority_baseline for r in rs])) if rs else float("nan"))
             n_eval = int(np.median([r.n_eval for r in rs]))
@@ -315,16 +315,15 @@ def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy",
     return out
 
 
-METHOD_ORDER = ("zero-shot", "icl", "vanilla", "pbft", "pbft-released", "adaptive", "lora", "distill", "distill-released")
+def method_rank(method: str, order: Sequence[str] = ()) -> tuple[int, str]:
+    """Sort key of a method: its position in ``order`` (the study's ``methods`` list, so tables
+    follow the study config), methods not listed after them by name."""
+    return (order.index(method) if method in order else len(order), method)
 
 
-def method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-
-
-def _group_sort(key: tuple) -> tuple:
+def _group_sort(key: tuple, order: Sequence[str]) -> tuple:
     model, task, method, arm, n, eval_set, domain = key
-    return (model, task, method_rank(method), method, _arm_sort(arm), n, domain != "id", eval_set)
+    return (model, task, method_rank(method, order), _arm_sort(arm), n, domain != "id", eval_set)
 
 
 def _arm_sort(arm: str) -> tuple:
@@ -412,7 +411,8 @@ class Comparison:
     seeds: tuple[int, ...]
 
 
-def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "vanilla", metric: str = "accuracy") -> list[Comparison]:
+def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "vanilla", metric: str = "accuracy",
+                       order: Sequence[str] = ()) -> list[Comparison]:
     """Arm A − arm B per (model, task, n, eval set), paired on the data seed (same seed = same
     few-shot sample). Seed-level only: the interval leaves out eval-sampling error (the claims'
     bootstrap includes it), which the report says next to these tables. With ``reference_method``, every arm against that method's arms; with None,
@@ -422,10 +422,10 @@ def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "
     for r in rows:
         cells[(r.model, r.task, r.n, r.eval_set, r.domain)][r.arm][r.seed] = r.value(metric)
         methods[r.arm] = r.method
-    order = lambda a: (method_rank(methods[a]), methods[a], _arm_sort(a))  # noqa: E731
+    arm_key = lambda a: (method_rank(methods[a], order), _arm_sort(a))  # noqa: E731
     out: list[Comparison] = []
     for (model, task, n, eval_set, domain), arms in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4] != "id", kv[0][3])):
-        ranked = sorted(arms, key=order)
+        ranked = sorted(arms, key=arm_key)
         if reference_method is not None:
             pairs = [(a, ref) for ref in ranked if methods[ref] == reference_method for a in ranked if a != ref]
         else:
@@ -459,7 +459,7 @@ class GapRow:
     gap: Summary
 
 
-def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy") -> list[GapRow]:
+def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy", order: Sequence[str] = ()) -> list[GapRow]:
     by_run: dict[str, list[EvalRow]] = defaultdict(list)
     for r in rows:
         by_run[r.run_id].append(r)
@@ -471,7 +471,7 @@ def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy") -> list[GapRo
             for o in oods:
                 cells[(i.model, i.task, i.method, i.arm, i.n, i.eval_set, o.eval_set)].append((i.value(metric), o.value(metric)))
     out = []
-    for key, pairs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], method_rank(kv[0][2]), _arm_sort(kv[0][3]), kv[0][4], kv[0][5], kv[0][6])):
+    for key, pairs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], method_rank(kv[0][2], order), _arm_sort(kv[0][3]), kv[0][4], kv[0][5], kv[0][6])):
         model, task, method, arm, n, id_set, ood_set = key
         out.append(GapRow(model, task, method, arm, n, id_set, ood_set, summarize(p[0] for p in pairs),
                           summarize(p[1] for p in pairs), summarize(p[0] - p[1] for p in pairs)))
