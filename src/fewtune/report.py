@@ -41,8 +41,6 @@ from .store import RunRecord, Store
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"
-HANS_LABELS = ("entailment", "non-entailment")  # gold 0 / 1 on HANS
-HANS_HEURISTICS = ("lexical_overlap", "subsequence", "constituent")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class StudyData:
     source: str
     records: list[RunRecord]  # the study's runs (all statuses)
     rows: list[st.EvalRow]  # finished runs × eval sets
-    hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
+    breakdown: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (group, gold label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
     scores: dict[str, dict[str, Scores]] = field(default_factory=dict)  # run id → eval set → per-example outcomes
@@ -106,9 +104,9 @@ def load_study_data(study_dir: Path | str) -> StudyData:
         if r.run_dir:
             data.scores[r.run_id] = load_scores(d / r.run_dir / "predictions.jsonl")
 
-        counts = hans_breakdown(d, r)
+        counts = group_breakdown(d, r, breakdown_specs(r.task))
         if counts:
-            data.hans[r.run_id] = counts
+            data.breakdown[r.run_id] = counts
     return data
 
 
@@ -145,21 +143,33 @@ def report_metrics(task: str) -> tuple[str, ...]:
         return ("accuracy",)
 
 
-def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], tuple[int, int]]:
-    """(heuristic, gold label) → (correct, scored) on HANS, from the run's predictions.jsonl.
+def breakdown_specs(task: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The task's eval sets whose report crosses a group field with the gold label:
+    ``{eval set: (field, gold label names)}`` (``Split.breakdown_field``, e.g. HANS heuristics)."""
+    from .tasks import TASKS
 
-    Why the predictions file: metrics.json has accuracy per heuristic and per label separately, but
-    the HANS failure mode (always predicting entailment) shows only in their combination.
+    try:
+        t = TASKS.get(task)
+    except FewtuneError:
+        return {}
+    return {name: (s.breakdown_field, s.gold_names or t.label_names) for name, s in t.eval_sets.items() if s.breakdown_field}
+
+
+def group_breakdown(study_dir: Path, record: RunRecord, specs: dict[str, tuple[str, tuple[str, ...]]]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(group, gold label) → (correct, scored) on the run's largest eval set that declares a
+    breakdown, from its predictions.jsonl.
+
+    Why the predictions file: metrics.json has accuracy per group and per label separately, but
+    the HANS failure mode (always predicting entailment) shows only in their combination. Why one
+    set: such sets may nest (hans ⊃ hans-lexical-overlap); counting both would count a group twice.
     """
-    names = sorted(name for name in (record.metrics or {}).get("eval", {}) if name.startswith("hans"))
-    if not names or not record.run_dir:
+    evals = (record.metrics or {}).get("eval", {})
+    cands = [(int(evals[n].get("n") or 0), n) for n in evals if n in specs]
+    path = study_dir / (record.run_dir or "") / "predictions.jsonl"
+    if not cands or not record.run_dir or not path.is_file():
         return {}
-    # One HANS set per run: the full set if evaluated, else the subset (counting both would
-    # count lexical_overlap twice).
-    hans_sets = {"hans"} if "hans" in names else {names[0]}
-    path = study_dir / record.run_dir / "predictions.jsonl"
-    if not path.is_file():
-        return {}
+    chosen = max(cands)[1]
+    field_name, names = specs[chosen]
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     with open(path) as f:
         for line in f:
@@ -167,13 +177,12 @@ def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], 
                 p = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if p.get("eval_set") not in hans_sets or p.get("skipped"):
+            if p.get("eval_set") != chosen or p.get("skipped"):
                 continue
-            h = (p.get("groups") or {}).get("heuristic")
-            gold = p.get("gold")
-            if h is None or gold not in (0, 1):
+            g, gold = (p.get("groups") or {}).get(field_name), p.get("gold")
+            if g is None or not isinstance(gold, int) or not 0 <= gold < len(names):
                 continue
-            c = counts[(h, HANS_LABELS[gold])]
+            c = counts[(g, names[gold])]
             c[0] += int(p.get("pred") == gold)
             c[1] += 1
     return {k: (v[0], v[1]) for k, v in counts.items()}
@@ -510,16 +519,18 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
     return _save_fig(fig, path)
 
 
-def hans_table(data: StudyData, model: str, order: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
-    """Per (arm, n): accuracy over seeds for each heuristic × gold label on HANS."""
-    cols = [f"{h} / {lab}" for h in HANS_HEURISTICS for lab in HANS_LABELS]
+def breakdown_table(data: StudyData, model: str, task: str, order: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
+    """Per (arm, n): accuracy over seeds for each group × gold label (columns in order of appearance)."""
+    keys = [k for r in data.done if r.task == task and r.config.get("model") == model for k in data.breakdown.get(r.run_id, {})]
+    groups, labels = list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))
+    cols = [f"{g} / {lab}" for g in groups for lab in labels]
     cells: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     arms = {row.run_id: row.arm for row in data.rows}
     for r in data.done:
-        if r.config.get("model") != model or r.run_id not in data.hans:
+        if r.config.get("model") != model or r.task != task or r.run_id not in data.breakdown:
             continue
         arm = arms.get(r.run_id, r.method)
-        for (h, lab), (correct, total) in data.hans[r.run_id].items():
+        for (h, lab), (correct, total) in data.breakdown[r.run_id].items():
             if total:
                 cells[(arm, r.method, r.n)][f"{h} / {lab}"].append(correct / total)
     out = []
@@ -528,9 +539,9 @@ def hans_table(data: StudyData, model: str, order: Sequence[str] = ()) -> tuple[
     return cols, out
 
 
-def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, path: Path,
-              order: Sequence[str] = ()) -> Path | None:
-    """Grouped bars: HANS accuracy per heuristic × label, one bar per method arm, one panel per n."""
+def plot_breakdown(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, title: str, path: Path,
+                   order: Sequence[str] = ()) -> Path | None:
+    """Grouped bars: accuracy per group × gold label, one bar per method arm, one panel per n."""
     if not table:
         return None
     ns = sorted({t[2] for t in table})
@@ -545,12 +556,12 @@ def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str
             errs = [vals[c].half_width if math.isfinite(vals[c].half_width) else 0 for c in cols]
             ax.bar(x + (j - (len(rows) - 1) / 2) * width, means, width, yerr=errs, color=_method_color(method, order),
                    alpha=0.85, label=arm, capsize=2, edgecolor="white", linewidth=0.5)
-        ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+        ax.axhline(0.5, color="black", linestyle=":", linewidth=1)
         ax.set_xticks(x)
         ax.set_xticklabels([c.replace(" / ", "\n") for c in cols], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"HANS per heuristic and gold label, n={n} (dashed: chance)", fontsize=9)
+        ax.set_title(f"{title}, n={n} (dotted: 0.5)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"{model}: bars = mean over data seeds, whiskers = 95% CI", fontsize=10)
     return _save_fig(fig, path)
@@ -579,7 +590,7 @@ def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_
     rows: list[list[str]] = []
     base = [r for r in cells if r.method == st.MAJORITY]
     if base:
-        rows.append(["majority baseline" if not eval_set.startswith("hans") else "majority / chance", *[f"{base[0].baseline:.3f}"] * len(ns)])
+        rows.append(["majority baseline", *[f"{base[0].baseline:.3f}"] * len(ns)])
     arms = []
     for arm in [r.arm for r in cells if r.method != st.MAJORITY] + [k[2] for k in sorted(failed, key=lambda k: st._arm_sort(k[2]))]:
         if arm not in arms:
@@ -782,21 +793,12 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
         doc.table(["model", "task", "method", "n", "runs", "peak memory MB", "memory kind", "trainable params", "total params",
                    "train s", "eval s"], [r[:11] for r in res_rows])
 
-    # HANS
+    # group × label breakdowns (eval sets that declare one: HANS heuristics)
     for model in models:
-        cols, htable = hans_table(data, model, order)
-        if not htable:
-            continue
-        doc.h(2, f"HANS per heuristic and label ({model})")
-        doc.p("Accuracy on HANS per heuristic and gold label (from the per-example predictions). A model that relies on "
-              "lexical overlap scores near 1 on entailment and near 0 on non-entailment.")
-        doc.table(["method", "n", *cols], [[arm, n, *[fmt_summary(v[c]) for c in cols]] for arm, _, n, v in htable])
-        p = plot_hans(cols, htable, model, fig_dir / f"{_slug('hans', model)}.png", order)
-        if p:
-            figures.append(p)
-            doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model}: HANS accuracy per heuristic and label")
-        csvs.append(_write_csv(csv_dir / f"{_slug('hans', model)}.csv", ["model", "method", "arm", "n", "column", "count", "mean", "std", "ci_low", "ci_high"],
-                               [[model, m, arm, n, c, v[c].count, v[c].mean, v[c].std, v[c].ci_low, v[c].ci_high] for arm, m, n, v in htable for c in cols]))
+        for task in tasks:
+            figures_, csvs_ = _breakdown_section(doc, data, model, task, order, fig_dir, csv_dir)
+            figures += figures_
+            csvs += csvs_
 
     # failures
     failed = [r for r in data.records if r.status == "failed"]
@@ -847,6 +849,30 @@ def build_report(data: StudyData, study_dir: Path, margin: float | None = None) 
         ["model", "task", "method", "n", "runs", "peak_memory_mb", "memory_kind", "trainable_params", "total_params", "train_seconds", "eval_seconds"],
         [r[11] for r in res_rows]))
     return doc, figures, csvs
+
+
+def _breakdown_section(doc: Doc, data: StudyData, model: str, task: str, order: Sequence[str], fig_dir: Path,
+                       csv_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Accuracy per group × gold label of the task's eval sets that declare a breakdown."""
+    cols, htable = breakdown_table(data, model, task, order)
+    if not htable:
+        return [], []
+    field_name = next(iter(breakdown_specs(task).values()))[0]
+    title = f"{task} per {field_name} and gold label ({model})"
+    doc.h(2, title)
+    doc.p(f"Accuracy per {field_name} and gold label (from the per-example predictions of each run's largest eval set with "
+          f"this breakdown: {', '.join(breakdown_specs(task))}). On HANS, a model that relies on lexical overlap scores "
+          "near 1 on entailment and near 0 on non-entailment.")
+    doc.table(["method", "n", *cols], [[arm, n, *[fmt_summary(v[c]) for c in cols]] for arm, _, n, v in htable])
+    figures = []
+    p = plot_breakdown(cols, htable, model, title, fig_dir / f"{_slug('breakdown', model, task)}.png", order)
+    if p:
+        figures.append(p)
+        doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{title}: mean over data seeds, 95% CI")
+    out = _write_csv(csv_dir / f"{_slug('breakdown', model, task)}.csv", ["model", "task", "method", "arm", "n", "column", "count", "mean",
+                     "std", "ci_low", "ci_high"], [[model, task, m, arm, n, c, v[c].count, v[c].mean, v[c].std, v[c].ci_low, v[c].ci_high]
+                                                  for arm, m, n, v in htable for c in cols])
+    return figures, [out]
 
 
 def _resource_rows(rows: Sequence[st.EvalRow], order: Sequence[str] = ()) -> list[list[Any]]:

@@ -273,6 +273,8 @@ MNLI = Task(
             hans_loader("hans"),
             description="HANS, all three heuristics (30,000 pairs, half entailment). " + _HANS_LABEL_NOTE,
             group_fields=("heuristic", "subcase"),
+            breakdown_field="heuristic",
+            gold_names=("entailment", "non-entailment"),
         ),
         "hans-lexical-overlap": Split(
             "hans-lexical-overlap",
@@ -280,6 +282,8 @@ MNLI = Task(
             hans_loader("hans-lexical-overlap", heuristic="lexical_overlap"),
             description="HANS lexical_overlap heuristic only (10,000 pairs; the subset llmft evaluates). " + _HANS_LABEL_NOTE,
             group_fields=("heuristic", "subcase"),
+            breakdown_field="heuristic",
+            gold_names=("entailment", "non-entailment"),
         ),
     },
     patterns=MNLI_PATTERNS,
