@@ -35,7 +35,7 @@ from . import stats as st
 from .atomic import write_atomic
 from .claims import ClaimSpec, evaluate_claims
 from .report_claims import CLAIMS_CSV_HEADER, add_claims_section, add_method_section, claims_csv_rows
-from .resample import Scores, load_scores
+from .resample import Scores, read_predictions, scores_from
 from .errors import ConfigError, FewtuneError
 from .store import RunRecord, Store
 
@@ -101,10 +101,11 @@ def load_study_data(study_dir: Path | str) -> StudyData:
                      arms=arms)
     data.claims, data.method_order = _study_claims_and_order(d, records)
     for r in done:
-        if r.run_dir:
-            data.scores[r.run_id] = load_scores(d / r.run_dir / "predictions.jsonl")
-
-        counts = group_breakdown(d, r, breakdown_specs(r.task))
+        if not r.run_dir:
+            continue
+        preds = read_predictions(d / r.run_dir / "predictions.jsonl")  # parsed once: the largest input of the report
+        data.scores[r.run_id] = scores_from(preds)
+        counts = group_breakdown(preds, r, breakdown_specs(r.task))
         if counts:
             data.breakdown[r.run_id] = counts
     return data
@@ -155,7 +156,7 @@ def breakdown_specs(task: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     return {name: (s.breakdown_field, s.gold_names or t.label_names) for name, s in t.eval_sets.items() if s.breakdown_field}
 
 
-def group_breakdown(study_dir: Path, record: RunRecord, specs: dict[str, tuple[str, tuple[str, ...]]]) -> dict[tuple[str, str], tuple[int, int]]:
+def group_breakdown(predictions: Sequence[dict], record: RunRecord, specs: dict[str, tuple[str, tuple[str, ...]]]) -> dict[tuple[str, str], tuple[int, int]]:
     """(group, gold label) → (correct, scored) on the run's largest eval set that declares a
     breakdown, from its predictions.jsonl.
 
@@ -165,26 +166,20 @@ def group_breakdown(study_dir: Path, record: RunRecord, specs: dict[str, tuple[s
     """
     evals = (record.metrics or {}).get("eval", {})
     cands = [(int(evals[n].get("n") or 0), n) for n in evals if n in specs]
-    path = study_dir / (record.run_dir or "") / "predictions.jsonl"
-    if not cands or not record.run_dir or not path.is_file():
+    if not cands:
         return {}
     chosen = max(cands)[1]
     field_name, names = specs[chosen]
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    with open(path) as f:
-        for line in f:
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if p.get("eval_set") != chosen or p.get("skipped"):
-                continue
-            g, gold = (p.get("groups") or {}).get(field_name), p.get("gold")
-            if g is None or not isinstance(gold, int) or not 0 <= gold < len(names):
-                continue
-            c = counts[(g, names[gold])]
-            c[0] += int(p.get("pred") == gold)
-            c[1] += 1
+    for p in predictions:
+        if p.get("eval_set") != chosen or p.get("skipped"):
+            continue
+        g, gold = (p.get("groups") or {}).get(field_name), p.get("gold")
+        if g is None or not isinstance(gold, int) or not 0 <= gold < len(names):
+            continue
+        c = counts[(g, names[gold])]
+        c[0] += int(p.get("pred") == gold)
+        c[1] += 1
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 

@@ -19,6 +19,7 @@ unit is scored on the examples that none of its runs skipped.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .stats import EvalRow
 
@@ -46,19 +46,35 @@ class Scores:
     skipped: np.ndarray  # bool
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of a run's predictions.jsonl ([] when missing; unreadable lines are skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def scores_from(predictions: Sequence[Mapping]) -> dict[str, Scores]:
+    """``{eval set: Scores}`` from predictions.jsonl rows ({eval_set, id, gold, pred, skipped})."""
+    cols: dict[str, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    for p in predictions:
+        if "eval_set" in p and "id" in p:
+            ids, correct, skipped = cols[str(p["eval_set"])]
+            ids.append(str(p["id"]))
+            correct.append(p.get("gold") is not None and p.get("gold") == p.get("pred"))
+            skipped.append(bool(p.get("skipped")))
+    return {es: Scores(np.array(i), np.array(c, dtype=bool), np.array(k, dtype=bool)) for es, (i, c, k) in cols.items()}
+
+
 def load_scores(path: Path) -> dict[str, Scores]:
     """``{eval set: Scores}`` from a run's predictions.jsonl; {} when it is missing or empty."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return {}
-    df = pd.read_json(path, lines=True, dtype=False)
-    if not {"eval_set", "id", "gold", "pred"} <= set(df.columns):
-        return {}
-    skipped = df["skipped"].fillna(False).astype(bool) if "skipped" in df else pd.Series(False, index=df.index)
-    out = {}
-    for es, idx in df.groupby("eval_set", sort=False).groups.items():
-        g = df.loc[idx]
-        out[str(es)] = Scores(g["id"].astype(str).to_numpy(), (g["gold"] == g["pred"]).to_numpy(bool), skipped.loc[idx].to_numpy(bool))
-    return out
+    return scores_from(read_predictions(path))
 
 
 @dataclass(frozen=True)
