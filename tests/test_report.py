@@ -241,3 +241,15 @@ def test_collapsed_runs_are_marked_in_their_cells(tmp_path: Path) -> None:
     assert table["vanilla"] == ["0.705 ± 0.064 (2) ≈ [⚠ 1 collapsed]"]
     assert "collapsed" not in table["pbft"][0]
     assert "collapsed" not in _md_table_after(md, "cola-ood (OOD) accuracy")[2][1]
+
+
+def test_margin_override_replaces_interval_margins_only() -> None:
+    from types import SimpleNamespace
+
+    from fewtune.claims import ClaimSpec, load_claims
+
+    data = SimpleNamespace(claims=[ClaimSpec.model_validate(c) for c in load_claims("srinivasan2024")])
+    specs = {s.key: s for s in rp._claim_specs(data, 0.2)}
+    assert specs["efficient-comparable"].margin == 0.2 and specs["ft-icl-similar"].margin == 0.2
+    assert specs["cd-beats-ft"].margin is None  # direction claims have no margin
+    assert rp._claim_specs(data, None) == data.claims
