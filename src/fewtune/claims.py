@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -248,8 +248,6 @@ def decide(spec: ClaimSpec, tests: Sequence[ClaimTest]) -> tuple[str, list[Claim
 
 
 def _with(t: ClaimTest, **kw: Any) -> ClaimTest:
-    from dataclasses import replace
-
     return replace(t, **kw)
 
 
