@@ -129,8 +129,10 @@ def test_paired_comparisons_pair_by_seed_only() -> None:
     c = comps[0]
     assert (c.arm_a, c.arm_b, c.seeds) == ("pbft", "vanilla", (0, 1, 2, 3))  # seed 9 has no partner
     assert c.test.mean_diff == pytest.approx(-0.0825)
+    every = [c for c in st.paired_comparisons(rows, reference_method=None, order=["vanilla", "pbft"]) if c.eval_set == "cola-id"]
+    assert [(c.arm_a, c.arm_b) for c in every] == [("pbft", "vanilla")]  # B is earlier in the study's method order
     every = [c for c in st.paired_comparisons(rows, reference_method=None) if c.eval_set == "cola-id"]
-    assert [(c.arm_a, c.arm_b) for c in every] == [("pbft", "vanilla")]  # B is earlier in the method order
+    assert [(c.arm_a, c.arm_b) for c in every] == [("vanilla", "pbft")]  # no order given: by name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,77 +190,18 @@ def test_pareto_front() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# claims
+# collapsed runs
 
 
-def _claims(runs):
-    return {c.key: c for c in st.evaluate_claims(st.eval_rows(runs))}
-
-
-def test_claims_not_enough_data_when_methods_missing() -> None:
-    runs = [make_run("cola", "vanilla", 16, s, (0.7, 0.6)) for s in range(3)]
-    claims = _claims(runs)
-    assert set(claims) == {"cd-beats-ft", "pbft-worse-ood", "efficient-comparable", "ft-icl-similar"}
-    assert all(c.verdict == "not enough data" for c in claims.values())
-    assert "distill" in claims["cd-beats-ft"].reason
-
-
-def test_claims_not_enough_data_with_one_seed() -> None:
-    runs = [make_run(t, m, n, 0, (0.7, 0.6)) for t in ("cola", "mnli") for m in ("vanilla", "pbft") for n in (2, 16)]
-    assert _claims(runs)["pbft-worse-ood"].verdict == "not enough data"
-
-
-def test_claim_pbft_worse_ood_supported_and_contradicted() -> None:
-    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.60 + 0.01 * s), n_eval=5000) for s in range(5)]
-    worse = [make_run("cola", "pbft", 16, s, (0.70, 0.50 + 0.01 * s + 0.002 * (s % 2)), n_eval=5000) for s in range(5)]
-    better = [make_run("cola", "pbft", 16, s, (0.70, 0.70 + 0.01 * s + 0.002 * (s % 2)), n_eval=5000) for s in range(5)]
-    c = _claims(van + worse)["pbft-worse-ood"]
-    assert c.verdict == "supported"
-    assert c.tests[0].test.mean_diff == pytest.approx(-0.0992, abs=1e-4)
-    assert "p=" in c.reason and "5 pairs / 5 seeds" in c.reason
-    assert _claims(van + better)["pbft-worse-ood"].verdict == "contradicted"
-
-
-def test_claim_cd_beats_ft_not_supported_without_significant_difference() -> None:
-    van = [make_run("mnli", "vanilla", 16, s, (0.60 + 0.02 * s, 0.5), n_eval=5000) for s in range(4)]
-    cd = [make_run("mnli", "distill", 16, s, (0.60 + 0.02 * s + (0.01 if s % 2 else -0.01), 0.5), n_eval=5000) for s in range(4)]
-    c = _claims(van + cd)["cd-beats-ft"]
-    assert c.verdict == "not supported"
-    assert "no significant difference" in c.reason
-
-
-def test_claim_efficient_comparable_uses_margin() -> None:
-    van = [make_run("cola", "vanilla", 16, s, (0.70 + 0.01 * s, 0.65 + 0.01 * s), n_eval=5000) for s in range(6)]
-    close = [make_run("cola", m, 16, s, (0.69 + 0.01 * s + 0.003 * (s % 2), 0.64 + 0.01 * s + 0.003 * (s % 3)), n_eval=5000)
-             for m in ("adaptive", "lora") for s in range(6)]
-    far = [make_run("cola", m, 16, s, (0.50 + 0.01 * s + 0.003 * (s % 2), 0.45 + 0.01 * s + 0.003 * (s % 3)), n_eval=5000)
-           for m in ("adaptive", "lora") for s in range(6)]
-    assert _claims(van + close)["efficient-comparable"].verdict == "supported"
-    far_claim = _claims(van + far)["efficient-comparable"]
-    assert far_claim.verdict == "contradicted" and "clearly lower" in far_claim.reason
-
-
-def test_claim_lora_ranks_are_pooled_per_sample() -> None:
-    van = [make_run("cola", "vanilla", 16, s, (0.70, 0.65)) for s in range(3)]
-    lora = [make_run("cola", "lora", 16, s, (0.70 + d, 0.65 + d), params={"r": r}) for s in range(3) for r, d in ((1, -0.02), (8, 0.02))]
-    c = _claims(van + lora)["efficient-comparable"]
-    lora_id = next(t for t in c.tests if t.label.startswith("lora") and "ID" in t.label)
-    assert lora_id.test.n_pairs == 3  # one pair per sample, not per rank
-    assert lora_id.test.mean_diff == pytest.approx(0.0)
-
-
-def test_claim_ft_icl_generalise_similarly() -> None:
-    van = [make_run("cola", "vanilla", n, s, (0.80 + 0.01 * s, 0.75 + 0.01 * s + 0.002 * (s % 2)), n_eval=5000) for n in (2, 16) for s in range(3)]
-    icl = [make_run("cola", "icl", n, s, (0.60 + 0.01 * s, 0.55 + 0.01 * s), n_eval=5000) for n in (2, 16) for s in range(3)]
-    c = _claims(van + icl)["ft-icl-similar"]
-    assert c.verdict == "supported"
-    assert c.tests[0].test.n_pairs == 6
-    assert abs(c.tests[0].test.mean_diff) < 0.01
-
-
-def test_claims_between_constant_predictors_are_inconclusive() -> None:
-    """All methods at the majority baseline: equal accuracies are not evidence of 'comparable'."""
-    runs = [make_run("cola", m, 16, s, (0.69, 0.686)) for m in ("vanilla", "adaptive", "lora") for s in range(3)]
-    c = _claims(runs)["efficient-comparable"]
-    assert c.verdict == "inconclusive"
-    assert "mostly at the majority baseline" in c.reason and "would otherwise be: supported" in c.reason
+def test_collapsed_runs_are_flagged_from_flags_and_prediction_distribution() -> None:
+    rid, cfg, m = make_run("cola", "vanilla", 16, 0, (0.7, 0.6))
+    assert all(r.collapsed is None for r in st.eval_rows([(rid, cfg, m)]))  # older metrics without the flags still load
+    m["eval"]["cola-id"]["pred_distribution"] = {"unacceptable": 0, "acceptable": 100}
+    m["eval"]["cola-ood"]["pred_distribution"] = {"unacceptable": 3, "acceptable": 97}
+    rows = {r.eval_set: r for r in st.eval_rows([(rid, cfg, m)])}
+    assert rows["cola-id"].collapsed == "every prediction is 'acceptable'"
+    assert rows["cola-ood"].collapsed is None
+    m["eval"]["cola-ood"]["collapsed"] = True
+    assert {r.eval_set: r for r in st.eval_rows([(rid, cfg, m)])}["cola-ood"].collapsed
+    m["collapsed"] = "loss at ln(2) for the last 10 steps"
+    assert all(r.collapsed == "loss at ln(2) for the last 10 steps" for r in st.eval_rows([(rid, cfg, m)]))

@@ -344,7 +344,8 @@ def test_tiny_study_end_to_end(tmp_path: Path, data_dir: Path) -> None:
 
     # Three methods keep it quick; every method's own tests live with the method.
     methods = _available(["icl", "vanilla", "lora"])
-    study = parse_study({**_tiny_study(methods), "methods": [m if m != "lora" else {"method": "lora", "params": {"r": 2}} for m in methods]}, "tiny")
+    study = parse_study({**_tiny_study(methods), "methods": [m if m != "lora" else {"method": "lora", "params": {"r": 2}} for m in methods],
+                         "claims": ["srinivasan2024"]}, "tiny")
     t0 = time.time()
     out = run_study(study, tmp_path, data_dir=data_dir, show_progress=False)
     elapsed = time.time() - t0
@@ -356,7 +357,9 @@ def test_tiny_study_end_to_end(tmp_path: Path, data_dir: Path) -> None:
             assert set(r.metrics["eval"]) == set(r.config["eval_sets"])
     paths = write_report(tmp_path)
     md = paths.markdown.read_text()
-    assert "## Claims of the study" in md and "HANS per heuristic and label" in md
+    assert "## Claims of the study" in md and "mnli per heuristic and gold label" in md
+    claims = md.split("## Claims of the study", 1)[1].split("\n## ", 1)[0]
+    assert "efficient-comparable" in claims and "SE eval" in claims  # the declared claims, tested on predictions
     assert "*cola-id (ID) accuracy*" in md and "*hans (OOD) accuracy*" in md
     assert all(p.stat().st_size > 1000 for p in paths.figures)
 

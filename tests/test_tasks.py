@@ -434,6 +434,18 @@ def test_custom_task_config_errors(tmp_path: Path, extra: str, match: str) -> No
         load_custom_task(_yaml(tmp_path, extra=extra))
 
 
+def test_custom_task_declares_report_metrics_and_breakdown(tmp_path: Path) -> None:
+    body = TASK_YAML.format(name="tiny", train="t.csv", dev="d.csv", extra="group_fields: [src]\nreport_metrics: [accuracy, mcc]").replace(
+        "in_domain: true", "in_domain: true, breakdown_field: src, gold_names: [bad, good]")
+    task = load_custom_task(_yaml(tmp_path, body=body))
+    assert task.report_metrics == ("accuracy", "mcc")
+    assert task.eval_sets["dev"].breakdown_field == "src" and task.eval_sets["dev"].gold_names == ("bad", "good")
+    with pytest.raises(ConfigError, match="breakdown_field 'srx' is not in group_fields"):
+        load_custom_task(_yaml(tmp_path, body=body.replace("breakdown_field: src", "breakdown_field: srx")))
+    with pytest.raises(ConfigError, match="gold_names needs 2 names"):
+        load_custom_task(_yaml(tmp_path, body=body.replace("gold_names: [bad, good]", "gold_names: [bad]")))
+
+
 def test_custom_task_nested_unknown_key_names_closest(tmp_path: Path) -> None:
     body = TASK_YAML.format(name="tiny", train="t.csv", dev="d.csv", extra="").replace("in_domain: true", "in_domian: true")
     with pytest.raises(ConfigError, match=r"(?s)unknown key 'in_domian'.*eval_sets\.dev.*did you mean 'in_domain'"):

@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
         study_dir: Path = typer.Argument(..., help="a study directory (fewtune study --out DIR)"),
-        margin: float = typer.Option(0.05, "--margin", help="equivalence margin (accuracy) for 'comparable' claims"),
+        margin: float | None = typer.Option(None, "--margin", help="replace the margin of every non-inferiority/equivalence claim (default: each claim's own)"),
     ) -> None:
         """Write report.md, report.html, plots and CSV exports into DIR."""
         from .report import write_report

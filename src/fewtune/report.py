@@ -29,16 +29,19 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import yaml
+
 from . import stats as st
 from .atomic import write_atomic
-from .errors import ConfigError
+from .claims import ClaimSpec, evaluate_claims
+from .report_claims import CLAIMS_CSV_HEADER, add_claims_section, add_method_section, claims_csv_rows
+from .resample import Scores, read_predictions, scores_from
+from .errors import ConfigError, FewtuneError
 from .identity import stale_runs
 from .store import RunRecord, Store
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"
-HANS_LABELS = ("entailment", "non-entailment")  # gold 0 / 1 on HANS
-HANS_HEURISTICS = ("lexical_overlap", "subsequence", "constituent")
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,14 @@ class StudyData:
     source: str
     records: list[RunRecord]  # the study's runs (all statuses)
     rows: list[st.EvalRow]  # finished runs × eval sets
-    hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
+    breakdown: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (group, gold label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
     stale_runs: int = 0  # runs of the current config made under another identity (version, task file, model, device)
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
+    scores: dict[str, dict[str, Scores]] = field(default_factory=dict)  # run id → eval set → per-example outcomes
+    claims: list[ClaimSpec] = field(default_factory=list)  # declared by the study config (study.yaml)
+    arms: dict[str, str] = field(default_factory=dict)  # run id → arm label, over all runs (failed ones too)
+    method_order: list[str] = field(default_factory=list)  # the study config's methods, in its order: tables follow it
 
     @property
     def done(self) -> list[RunRecord]:
@@ -90,48 +97,92 @@ def load_study_data(study_dir: Path | str) -> StudyData:
         records = all_records
     stale = len(stale_runs(all_records, [(r.run_id, r.config) for r in records]))
     done = [r for r in records if r.status == "done" and r.metrics]
-    rows = st.eval_rows((r.run_id, r.config, r.metrics) for r in done)
+    arms = st.arm_labels({r.run_id: r.config for r in records})
+    rows = st.eval_rows(((r.run_id, r.config, r.metrics) for r in done), arms)
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
                      other_runs=len(all_records) - len(records) - stale, stale_runs=stale,
-                     overrides=list(meta.get("overrides", [])))
+                     overrides=list(meta.get("overrides", [])), arms=arms)
+    data.claims, data.method_order = _study_claims_and_order(d, records)
     for r in done:
-        counts = hans_breakdown(d, r)
+        if not r.run_dir:
+            continue
+        preds = read_predictions(d / r.run_dir / "predictions.jsonl")  # parsed once: the largest input of the report
+        data.scores[r.run_id] = scores_from(preds)
+        counts = group_breakdown(preds, r, breakdown_specs(r.task))
         if counts:
-            data.hans[r.run_id] = counts
+            data.breakdown[r.run_id] = counts
     return data
 
 
-def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], tuple[int, int]]:
-    """(heuristic, gold label) → (correct, scored) on HANS, from the run's predictions.jsonl.
+def _study_claims_and_order(study_dir: Path, records: Sequence[RunRecord]) -> tuple[list[ClaimSpec], list[str]]:
+    """The claims declared in the study config stored beside the results (study.yaml), and its
+    method order (without a config: the order in which the study registered its runs)."""
+    from .study import STUDY_FILE, parse_study
 
-    Why the predictions file: metrics.json has accuracy per heuristic and per label separately, but
-    the HANS failure mode (always predicting entailment) shows only in their combination.
-    """
-    names = sorted(name for name in (record.metrics or {}).get("eval", {}) if name.startswith("hans"))
-    if not names or not record.run_dir:
-        return {}
-    # One HANS set per run: the full set if evaluated, else the subset (counting both would
-    # count lexical_overlap twice).
-    hans_sets = {"hans"} if "hans" in names else {names[0]}
-    path = study_dir / record.run_dir / "predictions.jsonl"
+    order = list(dict.fromkeys(r.method for r in records))
+    path = study_dir / STUDY_FILE
     if not path.is_file():
+        return [], order
+    study = parse_study(yaml.safe_load(path.read_text()), str(path))
+    listed = list(dict.fromkeys(m["method"] for m in study.methods or []))
+    return [ClaimSpec.model_validate(c) for c in study.claims], listed + [m for m in order if m not in listed]
+
+
+def failed_counts(data: StudyData) -> dict[tuple[str, str, str, int], int]:
+    """Failed runs per (model, task, arm, n): they have no metrics, but every cell says how many."""
+    out: dict[tuple[str, str, str, int], int] = defaultdict(int)
+    for r in data.records:
+        if r.status == "failed":
+            out[(str(r.config.get("model")), r.task, data.arms.get(r.run_id, r.method), int(r.n))] += 1
+    return dict(out)
+
+
+def report_metrics(task: str) -> tuple[str, ...]:
+    """The metrics a task asks the report to show (``Task.report_metrics``); accuracy if unknown."""
+    from .tasks import TASKS
+
+    try:
+        return tuple(TASKS.get(task).report_metrics)
+    except FewtuneError:
+        return ("accuracy",)
+
+
+def breakdown_specs(task: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The task's eval sets whose report crosses a group field with the gold label:
+    ``{eval set: (field, gold label names)}`` (``Split.breakdown_field``, e.g. HANS heuristics)."""
+    from .tasks import TASKS
+
+    try:
+        t = TASKS.get(task)
+    except FewtuneError:
         return {}
+    return {name: (s.breakdown_field, s.gold_names or t.label_names) for name, s in t.eval_sets.items() if s.breakdown_field}
+
+
+def group_breakdown(predictions: Sequence[dict], record: RunRecord, specs: dict[str, tuple[str, tuple[str, ...]]]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(group, gold label) → (correct, scored) on the run's largest eval set that declares a
+    breakdown, from its predictions.jsonl.
+
+    Why the predictions file: metrics.json has accuracy per group and per label separately, but
+    the HANS failure mode (always predicting entailment) shows only in their combination. Why one
+    set: such sets may nest (hans ⊃ hans-lexical-overlap); counting both would count a group twice.
+    """
+    evals = (record.metrics or {}).get("eval", {})
+    cands = [(int(evals[n].get("n") or 0), n) for n in evals if n in specs]
+    if not cands:
+        return {}
+    chosen = max(cands)[1]
+    field_name, names = specs[chosen]
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    with open(path) as f:
-        for line in f:
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if p.get("eval_set") not in hans_sets or p.get("skipped"):
-                continue
-            h = (p.get("groups") or {}).get("heuristic")
-            gold = p.get("gold")
-            if h is None or gold not in (0, 1):
-                continue
-            c = counts[(h, HANS_LABELS[gold])]
-            c[0] += int(p.get("pred") == gold)
-            c[1] += 1
+    for p in predictions:
+        if p.get("eval_set") != chosen or p.get("skipped"):
+            continue
+        g, gold = (p.get("groups") or {}).get(field_name), p.get("gold")
+        if g is None or not isinstance(gold, int) or not 0 <= gold < len(names):
+            continue
+        c = counts[(g, names[gold])]
+        c[0] += int(p.get("pred") == gold)
+        c[1] += 1
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
@@ -301,17 +352,17 @@ def _slug(*parts: str) -> str:
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def _method_color(method: str) -> str:
-    return _COLORS[st.method_rank(method) % len(_COLORS)]
+def _method_color(method: str, order: Sequence[str]) -> str:
+    return _COLORS[st.method_rank(method, order)[0] % len(_COLORS)] if method in order else _COLORS[sum(map(ord, method)) % len(_COLORS)]
 
 
-def _arm_styles(arms: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+def _arm_styles(arms: Sequence[tuple[str, str]], order: Sequence[str]) -> dict[str, tuple[str, str]]:
     """(color, linestyle) per arm: colour by method, line style tells a method's arms apart."""
     styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     seen: dict[str, int] = defaultdict(int)
     out = {}
     for method, arm in arms:
-        out[arm] = (_method_color(method), styles[seen[method] % len(styles)])
+        out[arm] = (_method_color(method, order), styles[seen[method] % len(styles)])
         seen[method] += 1
     return out
 
@@ -320,14 +371,15 @@ def _arm_styles(arms: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
 # plots
 
 
-def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eval_sets: Sequence[str], path: Path) -> Path | None:
+def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eval_sets: Sequence[str], path: Path,
+                       order: Sequence[str] = ()) -> Path | None:
     """Mean accuracy vs n per arm with 95 % CI bands, one panel per eval set (ID first)."""
     cells = [r for r in rows if r.model == model and r.task == task and r.metric == "accuracy"]
     if not cells:
         return None
     fig = Figure(figsize=(5.2 * len(eval_sets) + 1.8, 4.2), layout="constrained")
-    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0]), st._arm_sort(x[1])))
-    styles = _arm_styles(arms)
+    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0], order), st._arm_sort(x[1])))
+    styles = _arm_styles(arms, order)
     ns = sorted({r.n for r in cells if r.n is not None})
     for i, es in enumerate(eval_sets):
         ax = fig.add_subplot(1, len(eval_sets), i + 1)
@@ -367,7 +419,7 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
     return _save_fig(fig, path)
 
 
-def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path) -> Path | None:
+def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path, order: Sequence[str] = ()) -> Path | None:
     """Every run as a point: ID accuracy (x) vs OOD accuracy (y), as in Mosbach et al. (2023)."""
     by_run: dict[str, list[st.EvalRow]] = defaultdict(list)
     for r in rows:
@@ -387,11 +439,11 @@ def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path
     for k, (id_set, ood_set) in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), k + 1)
         pts = pairs[(id_set, ood_set)]
-        for method in sorted({i.method for i, _ in pts}, key=st.method_rank):
+        for method in sorted({i.method for i, _ in pts}, key=lambda m: st.method_rank(m, order)):
             for j, n in enumerate(ns):
                 sel = [(i.accuracy, o.accuracy) for i, o in pts if i.method == method and i.n == n]
                 if sel:
-                    ax.scatter(*zip(*sel), color=_method_color(method), marker=markers[j % len(markers)], alpha=0.7, s=28,
+                    ax.scatter(*zip(*sel), color=_method_color(method, order), marker=markers[j % len(markers)], alpha=0.7, s=28,
                                label=f"{method} n={n}" if len(ns) > 1 else method)
         lims = [0, 1]
         ax.plot(lims, lims, color="gray", linewidth=0.8, linestyle=":")
@@ -420,14 +472,14 @@ class CostPoint:
     on_front_params: bool = False
 
 
-def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str) -> list[CostPoint]:
+def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str, order: Sequence[str] = ()) -> list[CostPoint]:
     """Mean accuracy, peak memory and trainable parameters per (arm, n), with Pareto flags."""
     cells: dict[tuple[str, str, int], list[st.EvalRow]] = defaultdict(list)
     for r in rows:
         if r.model == model and r.task == task and r.eval_set == eval_set:
             cells[(r.arm, r.method, r.n)].append(r)
     raw = []
-    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1]), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
         mem = [r.peak_memory_mb for r in rs if r.peak_memory_mb is not None]
         tr = [r.trainable_params for r in rs if r.trainable_params is not None]
         raw.append((arm, method, n, float(np.nanmean([r.accuracy for r in rs])),
@@ -437,7 +489,7 @@ def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str
     return [CostPoint(a, m, n, acc, mem, tr, f1, f2) for (a, m, n, acc, mem, tr), f1, f2 in zip(raw, fm, fp)]
 
 
-def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: str, path: Path) -> Path | None:
+def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: str, path: Path, order: Sequence[str] = ()) -> Path | None:
     """Accuracy vs peak memory and vs trainable parameters; the Pareto front is drawn and ringed."""
     if not points:
         return None
@@ -445,10 +497,10 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
     for k, (attr, flag, xlabel) in enumerate((("memory_mb", "on_front_memory", "peak memory (MB)"),
                                                ("trainable", "on_front_params", "trainable parameters"))):
         ax = fig.add_subplot(1, 2, k + 1)
-        for method in sorted({p.method for p in points}, key=st.method_rank):
+        for method in sorted({p.method for p in points}, key=lambda m: st.method_rank(m, order)):
             sel = [p for p in points if p.method == method and math.isfinite(getattr(p, attr))]
             if sel:
-                ax.scatter([getattr(p, attr) for p in sel], [p.accuracy for p in sel], color=_method_color(method), label=method, s=30, alpha=0.8)
+                ax.scatter([getattr(p, attr) for p in sel], [p.accuracy for p in sel], color=_method_color(method, order), label=method, s=30, alpha=0.8)
         front = sorted((p for p in points if getattr(p, flag)), key=lambda p: getattr(p, attr))
         if front:
             ax.step([getattr(p, attr) for p in front], [p.accuracy for p in front], where="post", color="black", linewidth=1, label="Pareto front")
@@ -465,26 +517,29 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
     return _save_fig(fig, path)
 
 
-def hans_table(data: StudyData, model: str) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
-    """Per (arm, n): accuracy over seeds for each heuristic × gold label on HANS."""
-    cols = [f"{h} / {lab}" for h in HANS_HEURISTICS for lab in HANS_LABELS]
+def breakdown_table(data: StudyData, model: str, task: str, order: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str, int, dict[str, st.Summary]]]]:
+    """Per (arm, n): accuracy over seeds for each group × gold label (columns in order of appearance)."""
+    keys = [k for r in data.done if r.task == task and r.config.get("model") == model for k in data.breakdown.get(r.run_id, {})]
+    groups, labels = list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))
+    cols = [f"{g} / {lab}" for g in groups for lab in labels]
     cells: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     arms = {row.run_id: row.arm for row in data.rows}
     for r in data.done:
-        if r.config.get("model") != model or r.run_id not in data.hans:
+        if r.config.get("model") != model or r.task != task or r.run_id not in data.breakdown:
             continue
         arm = arms.get(r.run_id, r.method)
-        for (h, lab), (correct, total) in data.hans[r.run_id].items():
+        for (h, lab), (correct, total) in data.breakdown[r.run_id].items():
             if total:
                 cells[(arm, r.method, r.n)][f"{h} / {lab}"].append(correct / total)
     out = []
-    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1]), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
         out.append((arm, method, n, {c: st.summarize(vals.get(c, [])) for c in cols}))
     return cols, out
 
 
-def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, path: Path) -> Path | None:
-    """Grouped bars: HANS accuracy per heuristic × label, one bar per method arm, one panel per n."""
+def plot_breakdown(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, title: str, path: Path,
+                   order: Sequence[str] = ()) -> Path | None:
+    """Grouped bars: accuracy per group × gold label, one bar per method arm, one panel per n."""
     if not table:
         return None
     ns = sorted({t[2] for t in table})
@@ -497,14 +552,14 @@ def plot_hans(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str
         for j, (arm, method, _, vals) in enumerate(rows):
             means = [vals[c].mean if vals[c].count else np.nan for c in cols]
             errs = [vals[c].half_width if math.isfinite(vals[c].half_width) else 0 for c in cols]
-            ax.bar(x + (j - (len(rows) - 1) / 2) * width, means, width, yerr=errs, color=_method_color(method),
+            ax.bar(x + (j - (len(rows) - 1) / 2) * width, means, width, yerr=errs, color=_method_color(method, order),
                    alpha=0.85, label=arm, capsize=2, edgecolor="white", linewidth=0.5)
-        ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+        ax.axhline(0.5, color="black", linestyle=":", linewidth=1)
         ax.set_xticks(x)
         ax.set_xticklabels([c.replace(" / ", "\n") for c in cols], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"HANS per heuristic and gold label, n={n} (dashed: chance)", fontsize=9)
+        ax.set_title(f"{title}, n={n} (dotted: 0.5)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"{model}: bars = mean over data seeds, whiskers = 95% CI", fontsize=10)
     return _save_fig(fig, path)
@@ -519,25 +574,33 @@ def _eval_sets_ordered(rows: Sequence[st.EvalRow], model: str, task: str) -> lis
     return [s for _, s in sorted(sets)]
 
 
-def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_set: str, metric: str) -> tuple[list[str], list[list[str]]]:
+def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_set: str, metric: str,
+                  failed: dict[tuple[str, str, str, int], int] | None = None,
+                  collapsed: dict[tuple[str, int, str], int] | None = None) -> tuple[list[str], list[list[str]]]:
     """Rows: method arms (majority baseline first); columns: n. Cells: mean ± CI half-width (runs);
-    '≈' marks a result indistinguishable from the majority baseline (or chance on HANS)."""
+    '≈' marks a result indistinguishable from the majority baseline (or chance on HANS); 'k failed'
+    counts runs of the cell that failed (they have no result), '⚠ k collapsed' runs that collapsed."""
+    failed = {k: v for k, v in (failed or {}).items() if k[0] == model and k[1] == task}
+    collapsed = collapsed or {}
     cells = [r for r in summary if r.model == model and r.task == task and r.eval_set == eval_set and r.metric == metric]
-    ns = sorted({r.n for r in cells if r.n is not None})
+    ns = sorted({r.n for r in cells if r.n is not None} | {k[3] for k in failed})
     header = ["method", *[f"n={n}" for n in ns]]
     rows: list[list[str]] = []
     base = [r for r in cells if r.method == st.MAJORITY]
     if base:
-        rows.append(["majority baseline" if not eval_set.startswith("hans") else "majority / chance", *[f"{base[0].baseline:.3f}"] * len(ns)])
+        rows.append(["majority baseline", *[f"{base[0].baseline:.3f}"] * len(ns)])
     arms = []
-    for r in cells:
-        if r.method != st.MAJORITY and r.arm not in arms:
-            arms.append(r.arm)
+    for arm in [r.arm for r in cells if r.method != st.MAJORITY] + [k[2] for k in sorted(failed, key=lambda k: st._arm_sort(k[2]))]:
+        if arm not in arms:
+            arms.append(arm)
     for arm in arms:
         line = [arm]
         for n in ns:
             c = next((r for r in cells if r.arm == arm and r.n == n), None)
-            line.append("–" if c is None else fmt_summary(c.stats) + (" ≈" if c.at_baseline and c.method != st.MAJORITY else ""))
+            text = "–" if c is None else fmt_summary(c.stats) + (" ≈" if c.at_baseline and c.method != st.MAJORITY else "")
+            notes = [f"{k} failed" for k in [failed.get((model, task, arm, n), 0)] if k]
+            notes += [f"⚠ {k} collapsed" for k in [collapsed.get((arm, n, eval_set), 0)] if k]
+            line.append(text + (f" [{', '.join(notes)}]" if notes else ""))
         rows.append(line)
     return header, rows
 
@@ -599,15 +662,33 @@ def _warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
     return out
 
 
-def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) -> tuple[Doc, list[Path], list[Path]]:
+def _claim_specs(data: StudyData, margin: float | None) -> list[ClaimSpec]:
+    """The study's claims; ``margin`` (``fewtune report --margin``) replaces every claim's margin."""
+    if margin is None:
+        return data.claims
+    return [s.model_copy(update={"margin": margin}) if s.kind != "direction" else s for s in data.claims]
+
+
+def build_report(data: StudyData, study_dir: Path, margin: float | None = None) -> tuple[Doc, list[Path], list[Path]]:
     """Compute statistics, write figures and CSVs, and assemble the document."""
     fig_dir, csv_dir = study_dir / FIGURES_DIR, study_dir / CSV_DIR
     rows = data.rows
-    summary = st.summary_table(rows)
-    comparisons = st.paired_comparisons(rows, "vanilla", "accuracy")
-    all_pairs = st.paired_comparisons(rows, None, "accuracy")
-    gaps = st.id_ood_gaps(rows)
-    claims = st.evaluate_claims(rows, margin=margin)
+    order = data.method_order
+    summary = st.summary_table(rows, order=order)
+    comparisons = st.paired_comparisons(rows, "vanilla", "accuracy", order)
+    all_pairs = st.paired_comparisons(rows, None, "accuracy", order)
+    gaps = st.id_ood_gaps(rows, order=order)
+    specs = _claim_specs(data, margin)
+    failed = failed_counts(data)
+    failed_by_method: dict[str, int] = defaultdict(int)
+    for r in data.records:
+        if r.status == "failed":
+            failed_by_method[r.method] += 1
+    claims = evaluate_claims(specs, rows, data.scores, failed_by_method)
+    collapsed: dict[tuple[str, int, str], int] = defaultdict(int)
+    for r in rows:
+        if r.collapsed:
+            collapsed[(r.arm, r.n, r.eval_set)] += 1
     figures: list[Path] = []
     csvs: list[Path] = []
     doc = Doc()
@@ -627,7 +708,7 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         ["runs", f"{counts['done']} done, {counts['failed']} failed, {counts['pending'] + counts['running']} pending (of {len(data.records)})"],
         ["models", ", ".join(model_names) or "–"],
         ["tasks", ", ".join(tasks) or "–"],
-        ["methods", ", ".join(sorted({r.method for r in rows}, key=st.method_rank)) or "–"],
+        ["methods", ", ".join(sorted({r.method for r in rows}, key=lambda m: st.method_rank(m, order))) or "–"],
         ["n per class", ", ".join(str(n) for n in sorted({r.n for r in rows})) or "–"],
         ["data seeds", ", ".join(str(s) for s in sorted({r.seed for r in rows})) or "–"],
         ["overrides", " ".join(f"--set {o}" for o in data.overrides) or "none"],
@@ -641,30 +722,13 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     else:
         doc.p("None.")
 
-    # claims
-    doc.h(2, "Claims of the study")
-    doc.p(f"Each claim of Srinivasan et al. (2024) (and, for ICL, Mosbach et al. 2023) checked against this study's runs. "
-          f"Comparisons are paired on the same few-shot sample (model, task, n, data seed, eval set) and pooled over tasks "
-          f"and n; a method with several arms (e.g. LoRA ranks) is averaged over its arms first, as the study pooled them. "
-          f"Direction claims use the paired t-test at α = {st.ALPHA} (Wilcoxon signed-rank p as a check); 'comparable' "
-          f"claims need the 95 % CI of the mean difference inside ±{margin:.2f}. A claim needs ≥ {st.MIN_PAIRS} pairs from "
-          f"≥ {st.MIN_SEEDS} data seeds, else 'not enough data'.")
-    doc.table(["claim", "methods", "verdict", "evidence"], [[c.claim, ", ".join(c.methods), c.verdict, c.reason] for c in claims])
-    per_task = []
-    for c in claims:
-        for t in c.tests:
-            for task, pt in t.per_task.items():
-                per_task.append([c.key, t.label, task, _fmt_diff(pt), _fmt_p(pt.t_p), _fmt_p(pt.w_p), str(pt.n_pairs)])
-    if per_task:
-        doc.table(["claim", "comparison", "task", "mean diff [95% CI]", "t-test p", "Wilcoxon p", "pairs"], per_task,
-                  caption="the claims' comparisons per task")
-    caveats = [f"{c.key}: {cv}" for c in claims for cv in c.caveats]
-    doc.items(caveats)
+    add_claims_section(doc, specs, claims)
 
     # results tables
     doc.h(2, "Results")
     doc.p("Mean ± 95 % CI half-width over data seeds (number of runs in parentheses); ≈ marks a result "
-          "indistinguishable from the majority baseline (HANS: chance). Full statistics (std, min, max) in `csv/summary.csv`.")
+          "indistinguishable from the majority baseline (HANS: chance); [k failed] counts runs of the cell that failed (not in "
+          "the mean), [⚠ k collapsed] runs whose predictions collapsed. Full statistics (std, min, max) in `csv/summary.csv`.")
     for model in models:
         for task in tasks:
             sets = _eval_sets_ordered(rows, model, task)
@@ -673,9 +737,8 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
             doc.h(3, f"{model} · {task}")
             for es in sets:
                 domain = next(r.domain for r in rows if r.eval_set == es and r.task == task)
-                metrics = ["accuracy", "mcc"] if task == "cola" else ["accuracy"]
-                for metric in metrics:
-                    header, trows = results_table(summary, model, task, es, metric)
+                for metric in report_metrics(task):
+                    header, trows = results_table(summary, model, task, es, metric, failed, collapsed)
                     doc.table(header, trows, caption=f"{es} ({domain.upper()}) {metric.upper() if metric == 'mcc' else metric}")
 
     # plots
@@ -685,17 +748,17 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
             sets = _eval_sets_ordered(rows, model, task)
             if not sets:
                 continue
-            p = plot_accuracy_vs_n(summary, model, task, sets, fig_dir / f"{_slug('acc_vs_n', model, task)}.png")
+            p = plot_accuracy_vs_n(summary, model, task, sets, fig_dir / f"{_slug('acc_vs_n', model, task)}.png", order)
             if p:
                 figures.append(p)
                 doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task}: accuracy vs n per method with 95% CI bands")
-            p = plot_id_vs_ood(rows, model, task, fig_dir / f"{_slug('id_vs_ood', model, task)}.png")
+            p = plot_id_vs_ood(rows, model, task, fig_dir / f"{_slug('id_vs_ood', model, task)}.png", order)
             if p:
                 figures.append(p)
                 doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task}: ID vs OOD accuracy of every run")
             for es in sets:
-                pts = cost_points(rows, model, task, es)
-                p = plot_pareto(pts, model, task, es, fig_dir / f"{_slug('pareto', model, task, es)}.png")
+                pts = cost_points(rows, model, task, es, order)
+                p = plot_pareto(pts, model, task, es, fig_dir / f"{_slug('pareto', model, task, es)}.png", order)
                 if p:
                     figures.append(p)
                     doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model} · {task} · {es}: accuracy vs peak memory and trainable parameters (Pareto front ringed)")
@@ -704,7 +767,9 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
     doc.h(2, "Paired comparisons with vanilla fine-tuning")
     if comparisons:
         doc.p("Each method arm minus vanilla FT on the same few-shot samples (same data seeds): mean difference in accuracy "
-              "with its 95 % t-interval, paired t-test and Wilcoxon signed-rank test. Every pair of methods is in `csv/paired.csv`.")
+              "with its 95 % t-interval over seeds, paired t-test and Wilcoxon signed-rank test. These per-cell intervals leave the "
+              "eval-sampling error out (every seed is scored on the same examples); the claims above include it. Every pair of "
+              "methods is in `csv/paired.csv`.")
         doc.table(["model", "task", "n", "eval set", "method", "vs", "mean diff [95% CI]", "t-test p", "Wilcoxon p", "pairs"],
                   [[c.model, c.task, c.n, c.eval_set, c.arm_a, c.arm_b, _fmt_diff(c.test), _fmt_p(c.test.t_p), _fmt_p(c.test.w_p),
                     str(c.test.n_pairs)] for c in comparisons])
@@ -722,28 +787,19 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
 
     # resources
     doc.h(2, "Resources")
-    res_rows = _resource_rows(rows)
+    res_rows = _resource_rows(rows, order)
     if res_rows:
         doc.p("Per run (means over runs): peak memory (CPU: process RSS high-water mark; GPU: max allocated), trainable and "
               "total parameters, training and evaluation wall time.")
         doc.table(["model", "task", "method", "n", "runs", "peak memory MB", "memory kind", "trainable params", "total params",
                    "train s", "eval s"], [r[:11] for r in res_rows])
 
-    # HANS
+    # group × label breakdowns (eval sets that declare one: HANS heuristics)
     for model in models:
-        cols, htable = hans_table(data, model)
-        if not htable:
-            continue
-        doc.h(2, f"HANS per heuristic and label ({model})")
-        doc.p("Accuracy on HANS per heuristic and gold label (from the per-example predictions). A model that relies on "
-              "lexical overlap scores near 1 on entailment and near 0 on non-entailment.")
-        doc.table(["method", "n", *cols], [[arm, n, *[fmt_summary(v[c]) for c in cols]] for arm, _, n, v in htable])
-        p = plot_hans(cols, htable, model, fig_dir / f"{_slug('hans', model)}.png")
-        if p:
-            figures.append(p)
-            doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{model}: HANS accuracy per heuristic and label")
-        csvs.append(_write_csv(csv_dir / f"{_slug('hans', model)}.csv", ["model", "method", "arm", "n", "column", "count", "mean", "std", "ci_low", "ci_high"],
-                               [[model, m, arm, n, c, v[c].count, v[c].mean, v[c].std, v[c].ci_low, v[c].ci_high] for arm, m, n, v in htable for c in cols]))
+        for task in tasks:
+            figures_, csvs_ = _breakdown_section(doc, data, model, task, order, fig_dir, csv_dir)
+            figures += figures_
+            csvs += csvs_
 
     # failures
     failed = [r for r in data.records if r.status == "failed"]
@@ -754,6 +810,8 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         doc.p("Re-run them with `fewtune study CONFIG --out DIR --retry-failed` once the cause is fixed.")
     else:
         doc.p("None.")
+
+    add_method_section(doc, specs)
 
     # method notes
     doc.h(2, "How to read this report")
@@ -787,18 +845,38 @@ def build_report(data: StudyData, study_dir: Path, margin: float = st.MARGIN) ->
         ["model", "task", "method", "arm", "n", "id_set", "ood_set", "runs", "id_mean", "ood_mean", "gap_mean", "gap_std", "gap_ci_low", "gap_ci_high"],
         [[g.model, g.task, g.method, g.arm, g.n, g.id_set, g.ood_set, g.gap.count, g.id.mean, g.ood.mean, g.gap.mean, g.gap.std,
           g.gap.ci_low, g.gap.ci_high] for g in gaps]))
-    csvs.append(_write_csv(csv_dir / "claims.csv",
-        ["claim", "statement", "methods", "verdict", "reason", "comparison", "pairs", "seeds", "mean_diff", "ci_low", "ci_high", "t_p", "wilcoxon_p"],
-        [[c.key, c.claim, " ".join(c.methods), c.verdict, c.reason, t.label, t.test.n_pairs, t.seeds, t.test.mean_diff, t.test.ci_low,
-          t.test.ci_high, t.test.t_p, t.test.w_p] for c in claims for t in (c.tests or [None]) if t is not None]
-        + [[c.key, c.claim, " ".join(c.methods), c.verdict, c.reason, "", 0, 0, None, None, None, None, None] for c in claims if not c.tests]))
+    csvs.append(_write_csv(csv_dir / "claims.csv", CLAIMS_CSV_HEADER, claims_csv_rows(claims, {c.key: c for c in specs})))
     csvs.append(_write_csv(csv_dir / "resources.csv",
         ["model", "task", "method", "n", "runs", "peak_memory_mb", "memory_kind", "trainable_params", "total_params", "train_seconds", "eval_seconds"],
         [r[11] for r in res_rows]))
     return doc, figures, csvs
 
 
-def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
+def _breakdown_section(doc: Doc, data: StudyData, model: str, task: str, order: Sequence[str], fig_dir: Path,
+                       csv_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Accuracy per group × gold label of the task's eval sets that declare a breakdown."""
+    cols, htable = breakdown_table(data, model, task, order)
+    if not htable:
+        return [], []
+    field_name = next(iter(breakdown_specs(task).values()))[0]
+    title = f"{task} per {field_name} and gold label ({model})"
+    doc.h(2, title)
+    doc.p(f"Accuracy per {field_name} and gold label (from the per-example predictions of each run's largest eval set with "
+          f"this breakdown: {', '.join(breakdown_specs(task))}). On HANS, a model that relies on lexical overlap scores "
+          "near 1 on entailment and near 0 on non-entailment.")
+    doc.table(["method", "n", *cols], [[arm, n, *[fmt_summary(v[c]) for c in cols]] for arm, _, n, v in htable])
+    figures = []
+    p = plot_breakdown(cols, htable, model, title, fig_dir / f"{_slug('breakdown', model, task)}.png", order)
+    if p:
+        figures.append(p)
+        doc.img(p, f"{FIGURES_DIR}/{p.name}", f"{title}: mean over data seeds, 95% CI")
+    out = _write_csv(csv_dir / f"{_slug('breakdown', model, task)}.csv", ["model", "task", "method", "arm", "n", "column", "count", "mean",
+                     "std", "ci_low", "ci_high"], [[model, task, m, arm, n, c, v[c].count, v[c].mean, v[c].std, v[c].ci_low, v[c].ci_high]
+                                                  for arm, m, n, v in htable for c in cols])
+    return figures, [out]
+
+
+def _resource_rows(rows: Sequence[st.EvalRow], order: Sequence[str] = ()) -> list[list[Any]]:
     """One row per (model, task, arm, n), resources are per run (the first eval row of each run)."""
     per_run: dict[str, st.EvalRow] = {}
     for r in rows:
@@ -807,7 +885,7 @@ def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
     for r in per_run.values():
         cells[(r.model, r.task, r.method, r.arm, r.n)].append(r)
     out = []
-    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2]), st._arm_sort(kv[0][3]), kv[0][4])):
+    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2], order), st._arm_sort(kv[0][3]), kv[0][4])):
         def mean(attr: str) -> float:
             v = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
             return float(np.mean(v)) if v else math.nan
@@ -822,7 +900,7 @@ def _resource_rows(rows: Sequence[st.EvalRow]) -> list[list[Any]]:
     return out
 
 
-def write_report(study_dir: Path | str, margin: float = st.MARGIN) -> ReportPaths:
+def write_report(study_dir: Path | str, margin: float | None = None) -> ReportPaths:
     """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``csv/*.csv`` into the study dir."""
     d = Path(study_dir)
     data = load_study_data(d)

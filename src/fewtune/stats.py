@@ -1,5 +1,6 @@
-"""Statistics over a study's runs: summaries over data seeds, paired comparisons, ID–OOD gaps,
-Pareto fronts, and the verdicts on the claims of the study we build on.
+"""Statistics over a study's runs: summaries over data seeds, per-cell paired comparisons, ID–OOD
+gaps and Pareto fronts — thin wrappers over scipy. The claims (with a bootstrap over seeds × eval
+examples) are in ``fewtune.claims`` and ``fewtune.resample``.
 
 Why these statistics: few-shot results vary a lot with *which* examples were sampled (Mosbach et
 al. 2023), so a single number per method is meaningless. Every run is one few-shot sample (data
@@ -16,7 +17,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,6 @@ from scipy import stats as sps
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
-# "Comparable" in the claims means: the 95 % CI of the mean paired difference lies within ±MARGIN
-# (accuracy points as a fraction). 0.05 is about the seed-to-seed std of few-shot fine-tuning on
-# CoLA/MNLI reported by the study; a smaller margin would need far more seeds to ever be met.
-MARGIN = 0.05
 # A claim needs at least this many pairs from at least MIN_SEEDS distinct few-shot samples.
 MIN_PAIRS = 3
 MIN_SEEDS = 2
@@ -70,6 +67,9 @@ class EvalRow:
     eval_seconds: float | None = None
     per_label: dict[str, Any] = field(default_factory=dict)
     groups: dict[str, Any] = field(default_factory=dict)
+    # Why kept and flagged, not dropped: a collapsed run is a real outcome of its method (it
+    # failed to learn), but its accuracy is the share of one label, not skill.
+    collapsed: str | None = None  # reason, None if the run did not collapse
 
     def value(self, metric: str) -> float:
         return _num(getattr(self, metric))
@@ -130,10 +130,31 @@ def arm_labels(configs: dict[str, dict[str, Any]]) -> dict[str, str]:
     return labels
 
 
-def eval_rows(runs: Iterable[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[EvalRow]:
-    """Flatten finished runs ``(run_id, resolved config dict, metrics dict)`` into ``EvalRow``s."""
+def collapse_reason(metrics: dict[str, Any], ev: dict[str, Any]) -> str | None:
+    """Why a run's result on one eval set is collapsed, or None.
+
+    The runner's flags (``metrics["collapsed"]``: a reason for the run; ``eval[name]["collapsed"]``:
+    per eval set) are read with ``.get`` so results written before them still load; besides, every
+    prediction on one label (from ``pred_distribution``) counts as collapsed.
+    """
+    if metrics.get("collapsed"):
+        return str(metrics["collapsed"])
+    if ev.get("collapsed"):
+        return "flagged collapsed on this eval set"
+    dist = {k: int(v) for k, v in (ev.get("pred_distribution") or {}).items() if v is not None}
+    total = sum(dist.values())
+    if len(dist) > 1 and total > 1 and max(dist.values()) == total:
+        return f"every prediction is '{max(dist, key=dist.get)}'"
+    return None
+
+
+def eval_rows(runs: Iterable[tuple[str, dict[str, Any], dict[str, Any]]], labels: dict[str, str] | None = None) -> list[EvalRow]:
+    """Flatten finished runs ``(run_id, resolved config dict, metrics dict)`` into ``EvalRow``s.
+
+    ``labels``: arm labels computed over *all* of a study's runs (failed ones too), so a failed
+    run's arm matches the arm of its finished siblings; by default computed from ``runs``."""
     runs = list(runs)
-    labels = arm_labels({rid: cfg for rid, cfg, _ in runs})
+    labels = labels or arm_labels({rid: cfg for rid, cfg, _ in runs})
     rows: list[EvalRow] = []
     for rid, cfg, m in runs:
         res = m.get("resources") or {}
@@ -163,6 +184,7 @@ def eval_rows(runs: Iterable[tuple[str, dict[str, Any], dict[str, Any]]]) -> lis
                 eval_seconds=res.get("eval_seconds"),
                 per_label=ev.get("per_label") or {},
                 groups=ev.get("groups") or {},
+                collapsed=collapse_reason(m, ev),
             ))
     return rows
 
@@ -197,8 +219,10 @@ def t_interval(mean: float, std: float, count: int, confidence: float = CONFIDEN
     """Two-sided t-interval for a mean: mean ± t_{(1+c)/2, n−1} · std/√n."""
     if count < 2 or not math.isfinite(std):
         return float("nan"), float("nan")
-    half = float(sps.t.ppf((1 + confidence) / 2, count - 1)) * std / math.sqrt(count)
-    return mean - half, mean + half
+    if std == 0:
+        return mean, mean
+    lo, hi = sps.t.interval(confidence, count - 1, loc=mean, scale=std / math.sqrt(count))
+    return float(lo), float(hi)
 
 
 def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
@@ -239,14 +263,18 @@ def baseline_for(metric: str, majority: float) -> float:
 def baseline_margin(s: Summary, baseline: float, n_eval: int, metric: str = "accuracy") -> float:
     """How far from the baseline a mean must be to count as different from it.
 
-    The larger of the 95 % CI half-width over seeds and 1.96 standard errors of one evaluation on
-    ``n_eval`` examples (binomial for accuracy, 1/√n for MCC). Why both: every run of a cell is
+    The larger of the 95 % CI half-width over seeds and the eval-sampling error of one evaluation on
+    ``n_eval`` examples: for accuracy the wider side of the Wilson interval of a constant
+    predictor's accuracy (``scipy.stats.binomtest``), for MCC 1.96/√n. Why both: every run of a cell is
     scored on the *same* eval examples, so the eval-set sampling error does not shrink with more
     seeds — and seeds that happen to agree exactly (a constant predictor) give a zero-width CI.
     """
     if n_eval > 0:
-        se = 1 / math.sqrt(n_eval) if metric == "mcc" else math.sqrt(max(baseline * (1 - baseline), 1e-12) / n_eval)
-        floor = 1.96 * se
+        if metric == "mcc":
+            floor = 1.96 / math.sqrt(n_eval)
+        else:
+            ci = sps.binomtest(round(min(max(baseline, 0.0), 1.0) * n_eval), n_eval).proportion_ci(CONFIDENCE, method="wilson")
+            floor = max(baseline - ci.low, ci.high - baseline)
     else:
         floor = 0.0
     half = s.half_width if s.count >= 2 and math.isfinite(s.half_width) else 0.0
@@ -262,7 +290,7 @@ def indistinguishable(s: Summary, baseline: float, n_eval: int, metric: str = "a
     return bool(abs(s.mean - baseline) <= baseline_margin(s, baseline, n_eval, metric))
 
 
-def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy", "mcc")) -> list[SummaryRow]:
+def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy", "mcc"), order: Sequence[str] = ()) -> list[SummaryRow]:
     """Summaries per (model, task, arm, n, eval set, metric), plus one majority-baseline row per
     (model, task, eval set, metric)."""
     groups: dict[tuple, list[EvalRow]] = defaultdict(list)
@@ -278,7 +306,7 @@ def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy",
             b = baseline_for(metric, maj.mean)
             out.append(SummaryRow(model, task, MAJORITY, "majority baseline", None, eval_set, domain, metric,
                                   summarize([b] * len({r.run_id for r in rs})), b, True))
-        for (model, task, method, arm, n, eval_set, domain), rs in sorted(groups.items(), key=lambda kv: _group_sort(kv[0])):
+        for (model, task, method, arm, n, eval_set, domain), rs in sorted(groups.items(), key=lambda kv: _group_sort(kv[0], order)):
             s = summarize(r.value(metric) for r in rs)
             b = baseline_for(metric, float(np.nanmean([r.majority_baseline for r in rs])) if rs else float("nan"))
             n_eval = int(np.median([r.n_eval for r in rs]))
@@ -287,16 +315,15 @@ def summary_table(rows: Sequence[EvalRow], metrics: Sequence[str] = ("accuracy",
     return out
 
 
-METHOD_ORDER = ("zero-shot", "icl", "vanilla", "pbft", "pbft-released", "adaptive", "lora", "distill", "distill-released")
+def method_rank(method: str, order: Sequence[str] = ()) -> tuple[int, str]:
+    """Sort key of a method: its position in ``order`` (the study's ``methods`` list, so tables
+    follow the study config), methods not listed after them by name."""
+    return (order.index(method) if method in order else len(order), method)
 
 
-def method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-
-
-def _group_sort(key: tuple) -> tuple:
+def _group_sort(key: tuple, order: Sequence[str]) -> tuple:
     model, task, method, arm, n, eval_set, domain = key
-    return (model, task, method_rank(method), method, _arm_sort(arm), n, domain != "id", eval_set)
+    return (model, task, method_rank(method, order), _arm_sort(arm), n, domain != "id", eval_set)
 
 
 def _arm_sort(arm: str) -> tuple:
@@ -354,16 +381,16 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = CONF
         mean = float(d.mean()) if n else nan
         return PairedTest(n, mean, nan, nan, nan, nan, nan, nan, nan, "fewer than 2 pairs: no CI, no test")
     mean, std = float(d.mean()), float(d.std(ddof=1))
-    lo, hi = t_interval(mean, std, n, confidence)
     if np.all(np.abs(d) < 1e-12):
         return PairedTest(n, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, "all differences are zero")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if std < 1e-12:
-            t_stat, t_p, note = nan, nan, "all differences equal: t-test undefined"
+            t_stat, t_p, lo, hi, note = nan, nan, nan, nan, "all differences equal: t-test undefined"
         else:
             res = sps.ttest_rel(a_arr, b_arr)
-            t_stat, t_p, note = float(res.statistic), float(res.pvalue), ""
+            ci = res.confidence_interval(confidence)
+            t_stat, t_p, lo, hi, note = float(res.statistic), float(res.pvalue), float(ci.low), float(ci.high), ""
         w = sps.wilcoxon(d, zero_method="wilcox")
     return PairedTest(n, mean, std, lo, hi, t_stat, t_p, float(w.statistic), float(w.pvalue), note)
 
@@ -384,19 +411,21 @@ class Comparison:
     seeds: tuple[int, ...]
 
 
-def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "vanilla", metric: str = "accuracy") -> list[Comparison]:
+def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "vanilla", metric: str = "accuracy",
+                       order: Sequence[str] = ()) -> list[Comparison]:
     """Arm A − arm B per (model, task, n, eval set), paired on the data seed (same seed = same
-    few-shot sample). With ``reference_method``, every arm against that method's arms; with None,
+    few-shot sample). Seed-level only: the interval leaves out eval-sampling error (the claims'
+    bootstrap includes it), which the report says next to these tables. With ``reference_method``, every arm against that method's arms; with None,
     every pair of arms (B is the one earlier in the method order, e.g. ``vanilla − icl``)."""
     cells: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     methods: dict[str, str] = {}
     for r in rows:
         cells[(r.model, r.task, r.n, r.eval_set, r.domain)][r.arm][r.seed] = r.value(metric)
         methods[r.arm] = r.method
-    order = lambda a: (method_rank(methods[a]), methods[a], _arm_sort(a))  # noqa: E731
+    arm_key = lambda a: (method_rank(methods[a], order), _arm_sort(a))  # noqa: E731
     out: list[Comparison] = []
     for (model, task, n, eval_set, domain), arms in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4] != "id", kv[0][3])):
-        ranked = sorted(arms, key=order)
+        ranked = sorted(arms, key=arm_key)
         if reference_method is not None:
             pairs = [(a, ref) for ref in ranked if methods[ref] == reference_method for a in ranked if a != ref]
         else:
@@ -430,7 +459,7 @@ class GapRow:
     gap: Summary
 
 
-def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy") -> list[GapRow]:
+def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy", order: Sequence[str] = ()) -> list[GapRow]:
     by_run: dict[str, list[EvalRow]] = defaultdict(list)
     for r in rows:
         by_run[r.run_id].append(r)
@@ -442,7 +471,7 @@ def id_ood_gaps(rows: Sequence[EvalRow], metric: str = "accuracy") -> list[GapRo
             for o in oods:
                 cells[(i.model, i.task, i.method, i.arm, i.n, i.eval_set, o.eval_set)].append((i.value(metric), o.value(metric)))
     out = []
-    for key, pairs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], method_rank(kv[0][2]), _arm_sort(kv[0][3]), kv[0][4], kv[0][5], kv[0][6])):
+    for key, pairs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], method_rank(kv[0][2], order), _arm_sort(kv[0][3]), kv[0][4], kv[0][5], kv[0][6])):
         model, task, method, arm, n, id_set, ood_set = key
         out.append(GapRow(model, task, method, arm, n, id_set, ood_set, summarize(p[0] for p in pairs),
                           summarize(p[1] for p in pairs), summarize(p[0] - p[1] for p in pairs)))
@@ -471,108 +500,12 @@ def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# claims of the study
+# baseline checks used by the claims (fewtune.claims)
 
 
-@dataclass(frozen=True)
-class ClaimTest:
-    """One pooled paired comparison behind a verdict."""
-
-    label: str  # e.g. "distill − vanilla, ID accuracy"
-    test: PairedTest
-    seeds: int  # distinct data seeds among the pairs
-    per_task: dict[str, PairedTest]
-    mean_a: float
-    mean_b: float
-    enough: bool
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    key: str
-    claim: str  # the study's claim, as stated
-    methods: tuple[str, ...]
-    verdict: str  # "supported" | "contradicted" | "not supported" | "inconclusive" | "mixed" | "not enough data"
-    reason: str  # the numbers and test behind the verdict, in one or two sentences
-    tests: tuple[ClaimTest, ...] = ()
-    caveats: tuple[str, ...] = ()
-
-
-CD_METHODS = ("distill", "distill-released")
-PBFT_METHODS = ("pbft", "pbft-released")
-
-
-def _pooled(rows: Sequence[EvalRow], method_a: str, method_b: str, domain: str, metric: str,
-            value: Callable[[list[EvalRow]], dict[tuple, float]] | None = None) -> tuple[dict[tuple, float], dict[tuple, float]]:
-    """Per pair key (model, task, n, seed, eval set) the mean over a method's arms (e.g. all LoRA
-    ranks, as the study pooled them) — for A and for B."""
-
-    def collect(method: str) -> dict[tuple, float]:
-        acc: dict[tuple, list[float]] = defaultdict(list)
-        for r in rows:
-            if r.method == method and r.domain == domain:
-                acc[(r.model, r.task, r.n, r.seed, r.eval_set)].append(r.value(metric))
-        return {k: float(np.mean(v)) for k, v in acc.items()}
-
-    return collect(method_a), collect(method_b)
-
-
-def _gap_values(rows: Sequence[EvalRow], method: str, metric: str) -> dict[tuple, float]:
-    """ID − OOD per (model, task, n, seed, "id_set→ood_set"), averaged over the method's arms."""
-    by_run: dict[str, list[EvalRow]] = defaultdict(list)
-    for r in rows:
-        if r.method == method:
-            by_run[r.run_id].append(r)
-    acc: dict[tuple, list[float]] = defaultdict(list)
-    for rs in by_run.values():
-        for i in (r for r in rs if r.domain == "id"):
-            for o in (r for r in rs if r.domain == "ood"):
-                acc[(i.model, i.task, i.n, i.seed, f"{i.eval_set}→{o.eval_set}")].append(i.value(metric) - o.value(metric))
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
-def _claim_test(label: str, a: dict[tuple, float], b: dict[tuple, float]) -> ClaimTest:
-    keys = sorted(set(a) & set(b), key=str)
-    keys = [k for k in keys if math.isfinite(a[k]) and math.isfinite(b[k])]
-    test = paired_test([a[k] for k in keys], [b[k] for k in keys])
-    per_task: dict[str, PairedTest] = {}
-    for task in sorted({k[1] for k in keys}):
-        tk = [k for k in keys if k[1] == task]
-        per_task[task] = paired_test([a[k] for k in tk], [b[k] for k in tk])
-    seeds = len({k[3] for k in keys})
-    mean_a = float(np.mean([a[k] for k in keys])) if keys else float("nan")
-    mean_b = float(np.mean([b[k] for k in keys])) if keys else float("nan")
-    return ClaimTest(label, test, seeds, per_task, mean_a, mean_b, test.n_pairs >= MIN_PAIRS and seeds >= MIN_SEEDS)
-
-
-def _direction(t: ClaimTest, alpha: float) -> str:
-    if not t.test.significant(alpha):
-        return "no significant difference"
-    return "higher" if t.test.mean_diff > 0 else "lower"
-
-
-def fmt_test(t: ClaimTest) -> str:
-    """'+0.031 [−0.004, +0.066], t-test p=0.08, Wilcoxon p=0.11, 12 pairs / 3 seeds'."""
-    p = t.test
-    if p.n_pairs < 2:
-        return f"{p.n_pairs} pair(s): no test"
-    t_p = f"{p.t_p:.3g}" if math.isfinite(p.t_p) else "undefined"
-    return (f"{p.mean_diff:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}], paired t-test p={t_p}, "
-            f"Wilcoxon p={p.w_p:.3g}, {p.n_pairs} pairs / {t.seeds} seeds"
-            + (f" ({p.note})" if p.note else ""))
-
-
-def _not_enough(key: str, claim: str, methods: tuple[str, ...], missing: list[str], tests: tuple[ClaimTest, ...] = ()) -> ClaimResult:
-    if missing:
-        reason = "no finished runs of " + ", ".join(missing)
-    else:
-        reason = (f"fewer than {MIN_PAIRS} paired results from {MIN_SEEDS} or more data seeds "
-                  "(methods must share models, tasks, n and data seeds)")
-    return ClaimResult(key, claim, methods, "not enough data", reason, tests)
-
-
-def _at_baseline_methods(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> dict[str, tuple[int, int]]:
-    """Methods whose results are mostly (> half) indistinguishable from the majority baseline."""
+def at_baseline_methods(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> dict[str, tuple[int, int]]:
+    """Methods whose results are mostly (> half) indistinguishable from the majority baseline:
+    then 'A vs B' compares constant predictors, whose perfect agreement is no evidence."""
     out = {}
     for m in methods:
         rs = [r for r in rows if r.method == m and (domain is None or r.domain == domain)]
@@ -580,136 +513,3 @@ def _at_baseline_methods(rows: Sequence[EvalRow], methods: Sequence[str], domain
         if rs and at > len(rs) / 2:
             out[m] = (at, len(rs))
     return out
-
-
-def _baseline_caveat(rows: Sequence[EvalRow], methods: Sequence[str], domain: str | None) -> tuple[str, ...]:
-    """Warn when a method's runs are mostly at the majority baseline: then 'A vs B' says little."""
-    return tuple(f"most {m} results ({a}/{n}) are indistinguishable from the majority baseline / chance, so this "
-                 "comparison says little about the method" for m, (a, n) in _at_baseline_methods(rows, methods, domain).items())
-
-
-def _moot(result: ClaimResult, rows: Sequence[EvalRow], domain: str | None) -> ClaimResult:
-    """Two constant predictors 'agree' perfectly; when every compared method is mostly at the
-    baseline, no verdict either way is warranted."""
-    present = [m for m in result.methods if any(r.method == m for r in rows)]
-    if result.verdict == "not enough data" or not present:
-        return result
-    if set(_at_baseline_methods(rows, present, domain)) == set(present):
-        return ClaimResult(result.key, result.claim, result.methods, "inconclusive",
-                           f"every compared method is mostly at the majority baseline / chance, so the data cannot "
-                           f"speak to this claim (would otherwise be: {result.verdict}). {result.reason}",
-                           result.tests, result.caveats)
-    return result
-
-
-def evaluate_claims(rows: Sequence[EvalRow], metric: str = "accuracy", margin: float = MARGIN, alpha: float = ALPHA) -> list[ClaimResult]:
-    """Verdicts on the four claims of Srinivasan et al. (2024) / Mosbach et al. (2023).
-
-    All comparisons are paired on the same few-shot sample (model, task, n, data seed, eval set),
-    pooled over tasks and n (per-task results are in ``ClaimTest.per_task``). Direction claims use
-    the paired t-test at ``alpha``; "comparable" claims use an equivalence margin: the 95 % CI of
-    the mean difference must lie within ±``margin``.
-    """
-    present = {r.method for r in rows}
-    out: list[ClaimResult] = []
-
-    # 1. Context distillation beats standard fine-tuning.
-    claim = "Context distillation beats standard (vanilla) fine-tuning."
-    cds = [m for m in CD_METHODS if m in present] or [CD_METHODS[0]]
-    for cd in cds:
-        methods = (cd, "vanilla")
-        missing = [m for m in methods if m not in present]
-        tests = tuple(_claim_test(f"{cd} − vanilla, {d.upper()} {metric}", *_pooled(rows, cd, "vanilla", d, metric)) for d in ("id", "ood"))
-        usable = [t for t in tests if t.enough]
-        if missing or not usable:
-            out.append(_not_enough("cd-beats-ft", claim, methods, missing, tests))
-            continue
-        dirs = {t.label: _direction(t, alpha) for t in usable}
-        higher = [l for l, d in dirs.items() if d == "higher"]
-        lower = [l for l, d in dirs.items() if d == "lower"]
-        if higher and not lower:
-            verdict = "supported"
-        elif lower and not higher:
-            verdict = "contradicted"
-        elif higher and lower:
-            verdict = "mixed"
-        else:
-            verdict = "not supported"
-        reason = "; ".join(f"{t.label}: {fmt_test(t)} → {_direction(t, alpha)}" for t in usable)
-        out.append(_moot(ClaimResult("cd-beats-ft", claim, methods, verdict, reason, tests, _baseline_caveat(rows, methods, None)), rows, None))
-
-    # 2. PBFT under-performs vanilla FT out of domain.
-    claim = "Pattern-based fine-tuning (PBFT) under-performs vanilla fine-tuning out of domain."
-    pbfts = [m for m in PBFT_METHODS if m in present] or [PBFT_METHODS[0]]
-    for pb in pbfts:
-        methods = (pb, "vanilla")
-        missing = [m for m in methods if m not in present]
-        t = _claim_test(f"{pb} − vanilla, OOD {metric}", *_pooled(rows, pb, "vanilla", "ood", metric))
-        if missing or not t.enough:
-            out.append(_not_enough("pbft-worse-ood", claim, methods, missing, (t,)))
-            continue
-        d = _direction(t, alpha)
-        verdict = {"lower": "supported", "higher": "contradicted"}.get(d, "not supported")
-        out.append(_moot(ClaimResult("pbft-worse-ood", claim, methods, verdict, f"{t.label}: {fmt_test(t)} → {d}", (t,),
-                                     _baseline_caveat(rows, methods, "ood")), rows, "ood"))
-
-    # 3. Adaptive FT and LoRA are comparable to or slightly worse than full FT.
-    claim = (f"Adaptive fine-tuning and LoRA are comparable to or slightly worse than full (vanilla) fine-tuning "
-             f"(here: the 95 % CI of the difference lies within ±{margin:.2f}).")
-    methods3 = ("adaptive", "lora", "vanilla")
-    if "vanilla" not in present or not ({"adaptive", "lora"} & present):
-        out.append(_not_enough("efficient-comparable", claim, methods3, [m for m in methods3 if m not in present]))
-    else:
-        tests, parts, verdicts = [], [], []
-        for m in ("adaptive", "lora"):
-            if m not in present:
-                parts.append(f"{m}: not enough data (no finished runs)")
-                continue
-            for d in ("id", "ood"):
-                t = _claim_test(f"{m} − vanilla, {d.upper()} {metric}", *_pooled(rows, m, "vanilla", d, metric))
-                tests.append(t)
-                if not t.enough:
-                    parts.append(f"{t.label}: not enough data")
-                    continue
-                v = _equivalence(t, margin)
-                verdicts.append(v)
-                parts.append(f"{t.label}: {fmt_test(t)} → {v}")
-        if not verdicts:
-            verdict = "not enough data"
-        elif any(v.startswith("contradicts") for v in verdicts):
-            verdict = "contradicted"
-        elif all(v == "within margin" for v in verdicts):
-            verdict = "supported"  # for the method(s) with data; a missing one is named in the reason
-        else:
-            verdict = "inconclusive"
-        out.append(_moot(ClaimResult("efficient-comparable", claim, methods3, verdict, "; ".join(parts), tuple(tests),
-                                     _baseline_caveat(rows, [m for m in methods3 if m in present], None)), rows, None))
-
-    # 4. FT and ICL generalise similarly (Mosbach et al. 2023).
-    claim = (f"Fine-tuning and in-context learning generalise similarly (here: the ID−OOD gap of vanilla FT and "
-             f"ICL differs by less than ±{margin:.2f}, 95 % CI).")
-    methods4 = ("vanilla", "icl")
-    missing = [m for m in methods4 if m not in present]
-    gap = _claim_test(f"gap(vanilla) − gap(icl), ID−OOD {metric}", _gap_values(rows, "vanilla", metric), _gap_values(rows, "icl", metric))
-    ood = _claim_test(f"vanilla − icl, OOD {metric}", *_pooled(rows, "vanilla", "icl", "ood", metric))
-    if missing or not gap.enough:
-        out.append(_not_enough("ft-icl-similar", claim, methods4, missing, (gap, ood)))
-    else:
-        v = _equivalence(gap, margin)
-        verdict = {"within margin": "supported"}.get(v, "contradicted" if v.startswith("contradicts") else "inconclusive")
-        reason = f"{gap.label}: {fmt_test(gap)} → {v}; for reference {ood.label}: {fmt_test(ood)}"
-        out.append(_moot(ClaimResult("ft-icl-similar", claim, methods4, verdict, reason, (gap, ood), _baseline_caveat(rows, methods4, None)), rows, None))
-    return out
-
-
-def _equivalence(t: ClaimTest, margin: float) -> str:
-    p = t.test
-    if not (math.isfinite(p.ci_low) and math.isfinite(p.ci_high)):
-        return "no CI"
-    if -margin <= p.ci_low and p.ci_high <= margin:
-        return "within margin"
-    if p.ci_low > margin:
-        return f"contradicts: clearly higher (CI above +{margin:.2f})"
-    if p.ci_high < -margin:
-        return f"contradicts: clearly lower (CI below −{margin:.2f})"
-    return f"CI exceeds ±{margin:.2f}: more seeds needed"

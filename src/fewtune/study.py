@@ -51,7 +51,7 @@ from .registry import closest, unknown_hint
 from .atomic import write_atomic
 from .store import RUNS_DIR, Store
 
-STUDY_KEYS = ("name", "description", "tasks", "methods")
+STUDY_KEYS = ("name", "description", "tasks", "methods", "claims")
 RUN_KEYS = tuple(RunConfig.model_fields)
 TASK_ENTRY_EXTRA = ("task",)
 METHOD_ENTRY_EXTRA = ("method", "tasks")
@@ -88,6 +88,7 @@ class StudyConfig:
     methods: list[dict[str, Any]] | None = None  # entries: {"method": name, "tasks": [...]?, ...overrides}
     overrides: list[Override] = field(default_factory=list)
     source: str = ""  # where it was loaded from (preset name or path)
+    claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.claims), tested by the report
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""
@@ -99,6 +100,8 @@ class StudyConfig:
             out["tasks"] = self.tasks
         if self.methods is not None:
             out["methods"] = self.methods
+        if self.claims:
+            out["claims"] = self.claims
         return out
 
     def to_yaml(self) -> str:
@@ -173,7 +176,12 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
     if not isinstance(name, str) or not isinstance(desc, str):
         raise ConfigError(f"{where}: 'name' and 'description' must be strings")
     base = {k: v for k, v in data.items() if k not in STUDY_KEYS}
-    return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source)
+    claims: list[dict[str, Any]] = []
+    if data.get("claims") is not None:
+        from .claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
+
+        claims = load_claims(data["claims"], where)
+    return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims)
 
 
 def preset_names() -> list[str]:

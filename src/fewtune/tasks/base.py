@@ -49,6 +49,10 @@ class Split:
     description: str = ""
     group_fields: tuple[str, ...] = ()
     warning: str | None = None  # shown in outputs and reports (e.g. overlap with another set)
+    # The report crosses this group field with the gold label (HANS: heuristic × label, where a
+    # model that relies on overlap is right on entailment and wrong on non-entailment).
+    breakdown_field: str | None = None
+    gold_names: tuple[str, ...] = ()  # label names on this set when they differ from the task's
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Task:
     # Instruction the context-distillation teacher sees before its demonstrations.
     instruction: str = ""
     notes: tuple[str, ...] = ()
+    # Metrics the report tables show for this task (keys of an eval set's metrics).
+    report_metrics: tuple[str, ...] = ("accuracy",)
 
     @property
     def num_labels(self) -> int:

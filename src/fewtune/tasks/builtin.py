@@ -143,6 +143,7 @@ COLA = Task(
     patterns=COLA_PATTERNS,
     default_pattern="minimal",
     default_eval_sets=("cola-id", "cola-ood"),
+    report_metrics=("accuracy", "mcc"),  # MCC is CoLA's official GLUE metric
     in_domain=("cola-id", "cola-glue-dev"),
     icl_separator=" ",  # llmft joins CoLA demonstrations with a space
     instruction="Is the following sentence grammatically acceptable in English? Answer Yes or No.",
@@ -272,6 +273,8 @@ MNLI = Task(
             hans_loader("hans"),
             description="HANS, all three heuristics (30,000 pairs, half entailment). " + _HANS_LABEL_NOTE,
             group_fields=("heuristic", "subcase"),
+            breakdown_field="heuristic",
+            gold_names=("entailment", "non-entailment"),
         ),
         "hans-lexical-overlap": Split(
             "hans-lexical-overlap",
@@ -279,6 +282,8 @@ MNLI = Task(
             hans_loader("hans-lexical-overlap", heuristic="lexical_overlap"),
             description="HANS lexical_overlap heuristic only (10,000 pairs; the subset llmft evaluates). " + _HANS_LABEL_NOTE,
             group_fields=("heuristic", "subcase"),
+            breakdown_field="heuristic",
+            gold_names=("entailment", "non-entailment"),
         ),
     },
     patterns=MNLI_PATTERNS,

@@ -42,6 +42,7 @@ from pydantic import Field
 from ..config import StrictModel, validate
 from ..errors import ConfigError, DataError
 from ..prompts import Pattern
+from ..registry import unknown_hint
 from .base import TASKS, DataFile, Example, Split, Task
 from .files import read_text, read_tsv
 
@@ -66,6 +67,8 @@ class EvalSetSpec(FileSpec):
     in_domain: bool = False
     description: str = ""
     warning: str | None = None
+    breakdown_field: str | None = None  # a group field the report crosses with the gold label
+    gold_names: list[str] = Field(default_factory=list)  # label names on this set, if not the task's
 
 
 class PatternSpec(StrictModel):
@@ -95,12 +98,19 @@ class CustomTaskSpec(StrictModel):
     icl_separator: str = "\n\n"
     instruction: str = ""
     notes: list[str] = Field(default_factory=list)
+    report_metrics: list[Literal["accuracy", "mcc"]] = Field(default_factory=lambda: ["accuracy"], min_length=1)
 
 
 def _check_spec(spec: CustomTaskSpec, where: str) -> None:
     """Cross-field checks pydantic cannot express per field; each failure is a clear ConfigError."""
     if len(set(spec.label_names)) != len(spec.label_names):
         raise ConfigError(f"{where}: label_names has duplicates: {spec.label_names}", "give each label a distinct name")
+    for name, es in spec.eval_sets.items():
+        if es.breakdown_field is not None and es.breakdown_field not in spec.group_fields:
+            raise ConfigError(f"{where}: eval_sets.{name}.breakdown_field '{es.breakdown_field}' is not in group_fields",
+                              unknown_hint(es.breakdown_field, spec.group_fields))
+        if es.gold_names and len(es.gold_names) != len(spec.label_names):
+            raise ConfigError(f"{where}: eval_sets.{name}.gold_names needs {len(spec.label_names)} names (one per label)")
     for name, fs in [("train", spec.train), *((f"eval_sets.{k}", v) for k, v in spec.eval_sets.items())]:
         if (fs.path is None) == (fs.hf_dataset is None):
             raise ConfigError(f"{where}: '{name}' needs exactly one of 'path' or 'hf_dataset'", "e.g. {path: train.csv}")
@@ -288,7 +298,8 @@ def task_from_spec(spec: CustomTaskSpec, base_dir: Path, where: str = "task") ->
         label_names=tuple(spec.label_names),
         text_fields=tuple(spec.text_fields),
         train=split(f"{spec.name}-train", spec.train),
-        eval_sets={k: split(k, v, description=v.description, warning=v.warning) for k, v in spec.eval_sets.items()},
+        eval_sets={k: split(k, v, description=v.description, warning=v.warning, breakdown_field=v.breakdown_field,
+                            gold_names=tuple(v.gold_names)) for k, v in spec.eval_sets.items()},
         patterns={k: Pattern(k, p.template, p.target_prefix, tuple(p.verbalizer), source=p.source) for k, p in spec.patterns.items()},
         default_pattern=spec.default_pattern or next(iter(spec.patterns)),
         default_eval_sets=tuple(spec.default_eval_sets if spec.default_eval_sets is not None else spec.eval_sets),
@@ -296,6 +307,7 @@ def task_from_spec(spec: CustomTaskSpec, base_dir: Path, where: str = "task") ->
         icl_separator=spec.icl_separator,
         instruction=spec.instruction,
         notes=tuple(spec.notes),
+        report_metrics=tuple(spec.report_metrics),
     )
 
 
