@@ -1,0 +1,175 @@
+"""Inputs that used to be silently mixed, merged, or unbounded are refused through the real CLI,
+with exit code 2, a message that names the problem, and nothing written (issue 9, causes 6–8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.usefixtures("data_dir")
+
+RUN = ["run", "--model", "tiny-random", "--eval-limit", "8", "--n", "2", "--task", "cola"]
+
+
+def fewtune(*args: str, data_dir: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, FEWTUNE_DATA_DIR=str(data_dir), COLUMNS="250", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "fewtune", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+
+
+def refused(res: subprocess.CompletedProcess, *messages: str) -> str:
+    """Exit 2, every message in stderr, no traceback; returns stderr with the line breaks joined."""
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+def write_task(dir: Path, file: str, name: str, rows: int = 12) -> Path:
+    dir.mkdir(parents=True, exist_ok=True)
+    lines = ["text,label"] + [f"sample {i} is {'good' if i % 2 else 'bad'},{i % 2}" for i in range(rows)]
+    (dir / f"{file}.csv").write_text("\n".join(lines) + "\n")
+    path = dir / f"{file}.yaml"
+    path.write_text(f"name: {name}\nlabel_names: [bad, good]\ntext_fields: [text]\ntrain: {{path: {file}.csv}}\n"
+                    f"eval_sets: {{dev: {{path: {file}.csv, in_domain: true}}}}\n"
+                    "patterns: {minimal: {template: '{text} ?', verbalizer: [' No', ' Yes']}}\n")
+    return path
+
+
+# --- 6. silent mixing and merging -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "messages"),
+    [
+        (["--method", "icl", "--set", "n=3"], ["--n and --set n=3 both set 'n'"]),
+        (["--method", "icl", "--seed", "1", "--set", "seed=2"], ["--seed and --set seed=2 both set 'seed'"]),
+        (["--method", "lora", "--set", "lroa:params.r=4"], ["unknown method 'lroa'", "did you mean 'lora'"]),
+        (["--method", "icl", "--set", "lora:params.r=4"], ["applies to method 'lora'", "uses: icl"]),
+        (["--method", "icl", "--set", "eval_limit=4", "--set", "eval_limit=5"], ["set the same key"]),
+    ],
+)
+def test_run_refuses_conflicting_or_misdirected_overrides(tmp_path, data_dir, extra, messages):
+    out = tmp_path / "out"
+    refused(fewtune(*RUN, *extra, "--out", str(out), data_dir=data_dir, cwd=tmp_path), *messages)
+    assert not out.exists()
+
+
+def test_scoped_override_that_matches_the_method_is_applied(tmp_path, data_dir):
+    out = tmp_path / "out"
+    res = fewtune(*RUN, "--method", "icl", "--set", "icl:params.k=1", "--set", "train.max_steps=1", "--out", str(out),
+                  data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["params"]["k"] == 1
+
+
+def test_duplicate_keys_in_a_run_config_are_refused(tmp_path, data_dir):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("method: icl\ntrain:\n  lr: 1e-4\n  lr: 1e-5\n")
+    refused(fewtune(*RUN, "--config", str(cfg), "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path),
+            "duplicate key 'lr'", "first on line 3, again on line 4", str(cfg))
+    assert not (tmp_path / "o").exists()
+
+
+def test_duplicate_keys_in_a_custom_task_are_refused(tmp_path, data_dir):
+    task = write_task(tmp_path, "toy", "toy")
+    task.write_text(task.read_text() + "name: toy2\n")
+    refused(fewtune(*RUN[:-2], "--task", str(task), "--method", "icl", "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path),
+            "duplicate key 'name'", "first on line 1")
+    assert not (tmp_path / "o").exists()
+
+
+def _study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text("model: tiny-random\neval_limit: 8\nn: 2\ntrain: {max_steps: 1}\n" + text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "messages"),
+    [
+        ("tasks: [cola]\nmethods: [icl, lora]\n", ["--set", "lroa:params.r=4"], ["unknown method 'lroa'", "did you mean 'lora'"]),
+        ("tasks: [cola]\nmethods: [icl]\n", ["--set", "lora:params.r=4"], ["applies to method 'lora'", "the study uses: icl"]),
+        ("tasks: [cola]\nmethods: [icl]\n", ["--seeds", "0,1", "--set", "seed=2"], ["--seeds and --set seed=2 both set 'seed'"]),
+        ("tasks: [cola]\nmethods: [icl]\n", ["--n", "2", "--set", "n=[2, 4]"], ["--n and --set n=[2, 4] both set 'n'"]),
+        ("tasks: [cola]\nmethods: [icl]\nseed: 0\nseed: 1\n", [], ["duplicate key 'seed'", "first on line 7, again on line 8"]),
+    ],
+)
+def test_study_refuses_misdirected_overrides_and_duplicate_keys(tmp_path, data_dir, text, args, messages):
+    out = tmp_path / "out"
+    refused(fewtune("study", str(_study(tmp_path, text)), "--out", str(out), *args, data_dir=data_dir, cwd=tmp_path), *messages)
+    assert not out.exists()
+
+
+def test_two_custom_tasks_with_one_name_are_refused(tmp_path, data_dir):
+    a = write_task(tmp_path / "a", "first", "toy")
+    b = write_task(tmp_path / "b", "second", "toy")
+    out = tmp_path / "out"
+    study = _study(tmp_path, f"tasks: ['{a}', '{b}']\nmethods: [icl]\n")
+    for args in (["--dry-run"], []):
+        refused(fewtune("study", str(study), "--out", str(out), *args, data_dir=data_dir, cwd=tmp_path),
+                "both named 'toy'", str(a), str(b))
+        assert not out.exists()
+
+
+# --- 7. unbounded grids -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dry", [["--dry-run"], []])
+def test_a_huge_seed_range_is_refused_at_once(tmp_path, data_dir, dry):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = fewtune("study", "quick", "--seeds", "0-99999999", "--out", str(out), *dry, data_dir=data_dir, cwd=tmp_path)
+    refused(res, "100,000,000 values", "limited to 100,000 runs")
+    assert time.monotonic() - t0 < 60 and not out.exists()
+
+
+def test_a_huge_grid_is_counted_and_refused_before_it_is_built(tmp_path, data_dir):
+    study = _study(tmp_path, "tasks: [cola]\nmethods: [icl, {method: lora, params: {r: [1, 2, 4, 8, 16]}}]\n")
+    out = tmp_path / "out"
+    # 6 method arms × 20,000 seeds = 120,000 runs; each flag alone is under the cap
+    res = fewtune("study", str(study), "--seeds", "0-19999", "--out", str(out), "--dry-run", data_dir=data_dir, cwd=tmp_path)
+    refused(res, "would expand to 120,000 runs", "more than the limit of 100,000")
+    assert not out.exists()
+
+
+# --- custom task files: BOM, and no file contents in messages ----------------------------------
+
+
+@pytest.mark.parametrize("sep, ext", [(",", "csv"), ("\t", "tsv")])
+def test_a_byte_order_mark_in_the_header_is_not_part_of_the_first_column(tmp_path, data_dir, sep, ext):
+    task = write_task(tmp_path, "toy", "toy")
+    rows = [f"sentence{sep}label"] + [f"sample {i}{sep}{i % 2}" for i in range(12)]
+    (tmp_path / f"bom.{ext}").write_bytes(b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())
+    task.write_text(task.read_text().replace("toy.csv", f"bom.{ext}").replace("[text]", "[sentence]").replace("{text}", "{sentence}"))
+    out = tmp_path / "out"
+    res = fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "icl", "--out", str(out),
+                  data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "metrics.json").read_text())["eval"]["dev"]["n"] == 12
+
+
+def test_a_task_path_to_another_file_does_not_echo_its_contents(tmp_path, data_dir):
+    task = write_task(tmp_path, "toy", "toy")
+    (tmp_path / "secret.csv").write_text("token=hunter2-very-secret\nline two with more secrets\n")
+    task.write_text(task.read_text().replace("{path: toy.csv}", "{path: secret.csv}"))
+    out = tmp_path / "out"
+    err = refused(fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "icl", "--out", str(out),
+                          data_dir=data_dir, cwd=tmp_path), "secret.csv", "no field 'label'", "is it a header row?")
+    assert "hunter2" not in err and "more secrets" not in err
+    assert not out.exists()
+
+
+def test_a_misnamed_field_lists_the_header_columns(tmp_path, data_dir):
+    task = write_task(tmp_path, "toy", "toy")
+    task.write_text(task.read_text().replace("[text]", "[txt]").replace("{text}", "{txt}"))
+    refused(fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "icl", "--out", str(tmp_path / "o"),
+                    data_dir=data_dir, cwd=tmp_path), "no field 'txt' (fields: text, label)")
