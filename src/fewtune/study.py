@@ -187,7 +187,6 @@ def load_study(config: str | Path, overrides: Sequence[str] = (), *, seeds: str 
         )
     parsed = [_check_override(o) for o in parse_overrides(overrides)]
     check_flag_conflicts({"seed": seeds, "n": n}, parsed, {"seed": "--seeds", "n": "--n"})
-    check_scopes(parsed, _method_names())
     if seeds is not None:
         parsed.append(Override(("seed",), parse_int_list(seeds, "--seeds")))
     if n is not None:
