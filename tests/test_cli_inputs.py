@@ -173,3 +173,76 @@ def test_a_misnamed_field_lists_the_header_columns(tmp_path, data_dir):
     task.write_text(task.read_text().replace("[text]", "[txt]").replace("{text}", "{txt}"))
     refused(fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(task), "--method", "icl", "--out", str(tmp_path / "o"),
                     data_dir=data_dir, cwd=tmp_path), "no field 'txt' (fields: text, label)")
+
+
+# --- 8. damaged stores and files --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """A finished two-run study with HANS predictions (tiny model): (study config, study dir)."""
+    root = tmp_path_factory.mktemp("study")
+    cfg = root / "s.yaml"
+    cfg.write_text("model: tiny-random\neval_limit: 8\nn: 2\nseed: [0, 1]\ntasks: [mnli]\nmethods: [icl]\n")
+    res = fewtune("study", str(cfg), "--out", str(root / "st"), data_dir=data_dir, cwd=root)
+    assert res.returncode == 0, res.stderr
+    return cfg, root / "st"
+
+
+def _copy_study(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def _mtimes(study: Path) -> dict[str, int]:
+    return {str(p.relative_to(study)): p.stat().st_mtime_ns for p in (study / "runs").rglob("*")}
+
+
+@pytest.mark.parametrize(("damage", "message"), [(b"", "it holds no study tables (0 bytes)"), (b"not a database" * 100, "file is not a database")])
+def test_a_damaged_database_is_refused_by_report_and_rebuilt_by_study(tmp_path, data_dir, finished_study, damage, message):
+    cfg, good = finished_study
+    st = _copy_study(good, tmp_path / "st")
+    report_before = (st / "report.md").read_bytes()
+    runs_before = _mtimes(st)
+    (st / "study.db").write_bytes(damage)
+    # report: exit 2 (the input is unusable, nothing was attempted), the good report is untouched
+    refused(fewtune("report", str(st), data_dir=data_dir, cwd=tmp_path), f"{st / 'study.db'} is damaged: {message}",
+            "fewtune study", f"--out {st}", "rebuilds it from the finished runs")
+    assert (st / "report.md").read_bytes() == report_before
+    # study on the same directory rebuilds the database from runs/ without running anything again
+    res = fewtune("study", str(cfg), "--out", str(st), data_dir=data_dir, cwd=tmp_path)
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 0, res.stderr
+    assert "2 recovered from disk" in err and "0 finished" in err and "2/2 done" in err
+    assert _mtimes(st) == runs_before
+    assert bool(list(st.glob("study.db.damaged-*"))) == bool(damage)  # a non-empty damaged file is kept aside
+    if damage:
+        assert "was damaged; set aside as study.db.damaged-" in err
+    res = fewtune("report", str(st), data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (st / "report.md").read_text().count("icl") == report_before.decode().count("icl")
+
+
+@pytest.mark.parametrize("cut", ["mid-line", "whole lines"])
+def test_a_truncated_predictions_file_is_named_and_its_run_left_out_of_the_hans_table(tmp_path, data_dir, finished_study, cut):
+    _, good = finished_study
+    st = _copy_study(good, tmp_path / "st")
+    run = sorted((st / "runs").iterdir())[0]
+    preds = run / "predictions.jsonl"
+    lines = preds.read_text().splitlines(keepends=True)
+    preds.write_text("".join(lines[:-3]) + (lines[-3][:20] if cut == "mid-line" else ""))
+    res = fewtune("report", str(st), data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = (st / "report.md").read_text()
+    assert f"{preds}" in report and f"run {run.name}" in report and "left out of the HANS table" in report
+    # the HANS table now rests on the other run only (each cell: 1 run instead of 2)
+    assert _hans_counts(good) == {"2"} and _hans_counts(st) == {"1"}
+
+
+def _hans_counts(study: Path) -> set[str]:
+    import csv
+
+    (path,) = (study / "csv").glob("hans*.csv")
+    return {row["count"] for row in csv.DictReader(path.open())}

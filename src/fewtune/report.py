@@ -18,6 +18,7 @@ import html
 import io
 import json
 import math
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,8 +32,8 @@ from matplotlib.figure import Figure
 
 from . import stats as st
 from .atomic import write_atomic
-from .errors import ConfigError
-from .store import RunRecord, Store
+from .errors import ConfigError, DataError
+from .store import RunRecord, Store, rebuild_hint
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"
@@ -67,6 +68,7 @@ class StudyData:
     hans: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (heuristic, label) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
+    excluded: list[str] = field(default_factory=list)  # runs left out of a section, and why (damaged files)
 
     @property
     def done(self) -> list[RunRecord]:
@@ -78,9 +80,12 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     if not (d / "study.db").is_file():
         raise ConfigError(f"{d} is not a study directory (no study.db)", "pass the --out directory of `fewtune study`")
     with Store(d, create=False) as store:
-        meta = json.loads(store.get_meta("study") or "{}")
-        ids_json = store.get_meta("study_run_ids")
-        all_records = store.runs()
+        try:
+            meta = json.loads(store.get_meta("study") or "{}")
+            ids_json = store.get_meta("study_run_ids")
+            all_records = store.runs()
+        except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError) as e:
+            raise DataError(f"the study database {store.path} is damaged: {e}", rebuild_hint(d)) from None
     if ids_json:
         wanted = set(json.loads(ids_json))
         records = [r for r in all_records if r.run_id in wanted]
@@ -91,7 +96,12 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), records, rows,
                      other_runs=len(all_records) - len(records), overrides=list(meta.get("overrides", [])))
     for r in done:
-        counts = hans_breakdown(d, r)
+        try:
+            counts = hans_breakdown(d, r)
+        except DataError as e:
+            data.excluded.append(f"{e.message}: run {r.run_id} ({r.method} · n={r.n} · seed={r.seed}) is left out of the HANS "
+                                 "table (its other results are kept); restore the file to include it")
+            continue
         if counts:
             data.hans[r.run_id] = counts
     return data
@@ -111,15 +121,19 @@ def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], 
     hans_sets = {"hans"} if "hans" in names else {names[0]}
     path = study_dir / record.run_dir / "predictions.jsonl"
     if not path.is_file():
-        return {}
+        raise DataError(f"{path} is missing")
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    with open(path) as f:
-        for line in f:
+    seen = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, start=1):
             try:
                 p = json.loads(line)
             except json.JSONDecodeError:
+                raise DataError(f"{path}, line {i}: not a complete JSON record (a truncated file?)") from None
+            if p.get("eval_set") not in hans_sets:
                 continue
-            if p.get("eval_set") not in hans_sets or p.get("skipped"):
+            seen += 1
+            if p.get("skipped"):
                 continue
             h = (p.get("groups") or {}).get("heuristic")
             gold = p.get("gold")
@@ -128,7 +142,15 @@ def hans_breakdown(study_dir: Path, record: RunRecord) -> dict[tuple[str, str], 
             c = counts[(h, HANS_LABELS[gold])]
             c[0] += int(p.get("pred") == gold)
             c[1] += 1
+    expected = sum(_n_evaluated(record, s) for s in hans_sets)
+    if seen < expected:  # cut at a line boundary: every line parses, but some are missing
+        raise DataError(f"{path} has {seen} {'/'.join(sorted(hans_sets))} predictions but metrics.json counts {expected} (a truncated file?)")
     return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def _n_evaluated(record: RunRecord, eval_set: str) -> int:
+    m = (record.metrics or {}).get("eval", {}).get(eval_set, {})
+    return int(m.get("n", 0)) + int(m.get("n_skipped", 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +561,7 @@ def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_
 
 
 def _warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
-    out: list[str] = []
+    out: list[str] = list(data.excluded)
     counts = defaultdict(int)
     for r in data.records:
         counts[r.status] += 1

@@ -554,6 +554,9 @@ def run_study(
     with study_lock(out):
         write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
+            if store.quarantined:
+                console.print(f"[yellow]warning:[/yellow] {escape(str(store.path))} was damaged; set aside as "
+                              f"{escape(store.quarantined.name)} and rebuilt from the finished runs in {escape(str(out / RUNS_DIR))}")
             store.set_meta("study", json.dumps({"name": study.name, "description": study.description, "source": study.source,
                                                 "overrides": [o.text() for o in study.overrides]}))
             store.set_meta("study_run_ids", json.dumps([p.run_id for p in planned]))
