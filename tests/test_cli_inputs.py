@@ -237,6 +237,8 @@ def test_a_truncated_predictions_file_is_named_and_its_run_left_out_of_the_hans_
     assert res.returncode == 0, res.stderr
     report = (st / "report.md").read_text()
     assert f"{preds}" in report and f"run {run.name}" in report and "left out of the HANS table" in report
+    why = f"line {len(lines) - 2}: not a complete JSON record" if cut == "mid-line" else "predictions but metrics.json counts"
+    assert why in report
     # the HANS table now rests on the other run only (each cell: 1 run instead of 2)
     assert _hans_counts(good) == {"2"} and _hans_counts(st) == {"1"}
 
