@@ -248,3 +248,46 @@ def _hans_counts(study: Path) -> set[str]:
 
     (path,) = (study / "csv").glob("hans*.csv")
     return {row["count"] for row in csv.DictReader(path.open())}
+
+
+# --- models: missing directories, offline hub, damaged cache ----------------------------------
+
+
+@pytest.mark.parametrize("spec", ["/no/such/model", "./no-such-model", "~/no-such-model-dir", "a/b/c"])
+def test_a_missing_model_directory_is_named(tmp_path, data_dir, spec):
+    res = fewtune(*RUN, "--method", "icl", "--model", spec, "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path)
+    err = refused(res, f"cannot load model '{spec}': the directory", "does not exist")
+    assert "Repo id" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "unreachable"])
+def test_an_unknown_hub_model_with_no_hub_fails_fast(tmp_path, data_dir, env):
+    t0 = time.monotonic()
+    res = fewtune(*RUN, "--method", "icl", "--model", "nobody/no-such-model", "--out", str(tmp_path / "o"), data_dir=data_dir,
+                  cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"), **env})
+    refused(res, "cannot load model 'nobody/no-such-model': not found locally, and the hub is unreachable")
+    assert time.monotonic() - t0 < 30  # it used to retry for ~50 s
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration  # converts the embedded model again: ~40 s (verify_model_dir has a fast unit test)
+@pytest.mark.parametrize("victim", ["tokenizer.json", "model.safetensors"])
+def test_a_truncated_cached_model_is_rebuilt(tmp_path, data_dir, victim):
+    from fewtune.models import embedded_model_dir
+
+    real = embedded_model_dir()
+    cache = tmp_path / "cache" / "models" / real.name
+    cache.mkdir(parents=True)
+    for f in real.iterdir():  # links to the good files, a truncated copy of the victim
+        (cache / f.name).symlink_to(f)
+    (cache / victim).unlink()
+    (cache / victim).write_bytes(((real / victim).read_bytes())[: (real / victim).stat().st_size // 2])
+    out = tmp_path / "o"
+    res = fewtune(*RUN, "--method", "icl", "--out", str(out), data_dir=data_dir, cwd=tmp_path,
+                  env={"FEWTUNE_CACHE_DIR": str(tmp_path / "cache")})
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 0, res.stderr
+    assert f"the cached embedded model at {cache} is damaged ({victim}" in err and "rebuilding it" in err
+    assert (cache / victim).stat().st_size == (real / victim).stat().st_size and not (cache / victim).is_symlink()
+    assert (real / victim).stat().st_size > 0  # the linked originals were not touched
+    assert (out / "metrics.json").is_file()
