@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .registry import unknown_hint
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -170,8 +171,6 @@ def apply(data: Mapping[str, Any], overrides: Iterable[Override]) -> dict[str, A
 def check_scopes(overrides: Iterable[Override], known: Iterable[str], used: Iterable[str] | None = None, what: str = "this run") -> None:
     """A scope must name a known method (a typo such as ``lroa:`` would otherwise apply to
     nothing, silently) and, when ``used`` is given, one that ``what`` actually runs."""
-    from .registry import unknown_hint
-
     known, used_list = list(known), None if used is None else sorted(set(used))
     for o in overrides:
         if o.scope is None:

@@ -21,6 +21,11 @@ seconds to hours, so the extra fsync of ``FULL`` costs nothing measurable and bu
 machine crashes too.
 
 Every state change is a single short ``BEGIN IMMEDIATE … COMMIT`` transaction.
+
+Damage (a 0-byte or overwritten file, a failed integrity check): a reader (``create=False``, the
+report) refuses it with a hint; a writer (``fewtune study``) sets it aside as
+``study.db.damaged-<time>`` and starts a new one, which the study fills again by adopting every
+finished run directory under ``runs/`` (``study._execute``) — nothing is run twice.
 """
 
 from __future__ import annotations
