@@ -2,7 +2,7 @@ import pytest
 
 from fewtune.config import RunConfig, TrainConfig, resolve, validate
 from fewtune.errors import ConfigError
-from fewtune.cli import parse_overrides
+from fewtune.overrides import apply, parse_overrides
 
 
 def test_unknown_key_names_closest():
@@ -54,7 +54,7 @@ def test_content_hash_identifies_resolved_config():
 
 
 def test_parse_overrides_builds_nested_typed_values():
-    got = parse_overrides(["train.lr=1e-4", "params.k=8", "eval_sets=[cola-id]", "eval_limit=null"])
+    got = apply({}, parse_overrides(["train.lr=1e-4", "params.k=8", "eval_sets=[cola-id]", "eval_limit=null"]))
     assert got == {"train": {"lr": 1e-4}, "params": {"k": 8}, "eval_sets": ["cola-id"], "eval_limit": None}
     with pytest.raises(ConfigError):
         parse_overrides(["novalue"])

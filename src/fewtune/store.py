@@ -21,6 +21,11 @@ seconds to hours, so the extra fsync of ``FULL`` costs nothing measurable and bu
 machine crashes too.
 
 Every state change is a single short ``BEGIN IMMEDIATE … COMMIT`` transaction.
+
+Damage (a 0-byte or overwritten file, a failed integrity check): a reader (``create=False``, the
+report) refuses it with a hint; a writer (``fewtune study``) sets it aside as
+``study.db.damaged-<time>`` and starts a new one, which the study fills again by adopting every
+finished run directory under ``runs/`` (``study._execute``) — nothing is run twice.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 DB_NAME = "study.db"
 RUNS_DIR = "runs"
@@ -115,6 +120,23 @@ class RunRecord:
         )
 
 
+def rebuild_hint(study_dir: Path) -> str:
+    return (f"run `fewtune study <your study config> --out {study_dir}` again, with the same --set/--seeds/--n "
+            f"(the config as run is in {study_dir / 'study.yaml'}): it sets the damaged database aside and rebuilds "
+            f"it from the finished runs in {study_dir / RUNS_DIR}, without running them again")
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a damaged database (and its WAL files, which belong to it) out of the way, keeping it
+    for inspection; a new one is then built from the run directories."""
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            src.rename(target.with_name(target.name + suffix))
+    return target
+
+
 def _dumps(obj: Any) -> str:
     """Canonical JSON (sorted keys) so equal configs are stored as equal text."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
@@ -132,10 +154,15 @@ class Store:
                 "pass the directory given to `fewtune study --out DIR`",
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves so that each state change is
-        # exactly one transaction (the sqlite3 module's implicit transactions are easy to leave open).
-        self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        self.conn.row_factory = sqlite3.Row
+        self.quarantined: Path | None = None  # where a damaged database was moved (create=True only)
+        self.conn = self._connect()
+        problem = self._damage(require_tables=not create)
+        if problem is not None:
+            self.conn.close()
+            if not create:
+                raise DataError(f"the study database {self.path} is damaged: {problem}", rebuild_hint(self.dir))
+            self.quarantined = _set_aside(self.path)
+            self.conn = self._connect()
         mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # e.g. some network file systems
             raise ConfigError(
@@ -157,6 +184,29 @@ class Store:
             )
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so that each state change is
+        # exactly one transaction (the sqlite3 module's implicit transactions are easy to leave open).
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _damage(self, *, require_tables: bool) -> str | None:
+        """Why the file is not a usable study database, or None. ``quick_check`` reads every page
+        (milliseconds for a study's few MB); a 0-byte file is a valid *empty* SQLite database, so
+        a reader also requires the tables and the schema version every study writes first."""
+        try:
+            check = str(self.conn.execute("PRAGMA quick_check").fetchone()[0])
+            if check != "ok":
+                return f"integrity check failed ({check})"
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if require_tables and not ({"runs", "meta"} <= tables and
+                                       self.conn.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone()):
+                return f"it holds no study tables ({self.path.stat().st_size} bytes)"
+        except sqlite3.DatabaseError as e:
+            return str(e)
+        return None
 
     def close(self) -> None:
         self.conn.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -47,6 +48,7 @@ from pydantic import BaseModel
 
 from .config import RunConfig, TrainConfig, resolve, validate
 from .errors import ConfigError, FewtuneError
+from .overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
 from .registry import closest, unknown_hint
 from .atomic import write_atomic
 from .store import RUNS_DIR, Store
@@ -58,23 +60,11 @@ METHOD_ENTRY_EXTRA = ("method", "tasks")
 PRESETS = ("quick", "paper", "paper-released")
 LOCK_NAME = ".lock"
 STUDY_FILE = "study.yaml"
+MAX_RUNS = 100_000  # a larger grid is almost surely a typo (--seeds 0-99999999), and would not fit in memory
 
 
 # --------------------------------------------------------------------------------------------
 # config
-
-
-@dataclass(frozen=True)
-class Override:
-    """One ``--set [method:]key.path=value``; ``method`` None applies it to every run."""
-
-    path: tuple[str, ...]
-    value: Any
-    method: str | None = None
-
-    def text(self) -> str:
-        scope = f"{self.method}:" if self.method else ""
-        return f"{scope}{'.'.join(self.path)}={json.dumps(self.value)}"
 
 
 @dataclass
@@ -189,28 +179,22 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def _load_yaml_text(text: str, where: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}", "check the indentation and quoting near the position shown") from None
-
-
 def load_study(config: str | Path, overrides: Sequence[str] = (), *, seeds: str | None = None, n: str | None = None) -> StudyConfig:
     """A study from a YAML file path or a preset name, with ``--set``/``--seeds``/``--n`` applied."""
     path = Path(config)
     if path.is_file():
-        study = parse_study(_load_yaml_text(path.read_text(), f"study config {path}"), str(path))
+        study = parse_study(load_yaml_text(path.read_text(encoding="utf-8-sig"), f"study config {path}"), str(path))
     elif str(config) in preset_names():
         text = (resources.files("fewtune") / "presets" / f"{config}.yaml").read_text()
-        study = parse_study(_load_yaml_text(text, f"preset '{config}'"), f"preset '{config}'")
+        study = parse_study(load_yaml_text(text, f"preset '{config}'"), f"preset '{config}'")
     else:
         guess = closest(str(config), preset_names())
         raise ConfigError(
             f"no study config file or preset named '{config}'",
             (f"did you mean preset '{guess}'? " if guess else "") + f"presets: {', '.join(preset_names())}; or give a path to a YAML file",
         )
-    parsed = [parse_override(o) for o in overrides]
+    parsed = [_check_override(o) for o in parse_overrides(overrides)]
+    check_flag_conflicts({"seed": seeds, "n": n}, parsed, {"seed": "--seeds", "n": "--n"})
     if seeds is not None:
         parsed.append(Override(("seed",), parse_int_list(seeds, "--seeds")))
     if n is not None:
@@ -220,8 +204,9 @@ def load_study(config: str | Path, overrides: Sequence[str] = (), *, seeds: str 
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
-    """'0,1,2' or '0-9' (inclusive) or a mix: '0-2,5'."""
-    out: list[int] = []
+    """'0,1,2' or '0-9' (inclusive) or a mix: '0-2,5'. Counted before a list is built, so
+    '0-99999999' is refused at once rather than exhausting the memory."""
+    spans: list[tuple[int, int]] = []
     try:
         for part in str(text).split(","):
             part = part.strip()
@@ -232,28 +217,28 @@ def parse_int_list(text: str, flag: str) -> list[int]:
                 a, b = int(lo), int(hi)
                 if b < a:
                     raise ValueError
-                out.extend(range(a, b + 1))
+                spans.append((a, b))
             else:
-                out.append(int(part))
+                spans.append((int(part), int(part)))
     except ValueError:
         raise ConfigError(f"{flag} expects integers like '0,1,2' or a range '0-9', got {text!r}") from None
-    if not out:
+    if not spans:
         raise ConfigError(f"{flag} got no values", f"e.g. {flag} 0,1")
-    return sorted(dict.fromkeys(out))
+    count = sum(b - a + 1 for a, b in spans)
+    if count > MAX_RUNS:
+        raise ConfigError(f"{flag} {text} gives {count:,} values; a study is limited to {MAX_RUNS:,} runs",
+                          f"give a smaller range, e.g. {flag} 0-9")
+    return sorted({v for a, b in spans for v in range(a, b + 1)})
 
 
 def parse_override(item: str) -> Override:
     """``[method:]key.path=value``; the value is YAML (``2``, ``1e-4``, ``[1, 8]``, ``null``)."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}", "e.g. --set train.max_steps=2 or --set lora:params.r=8")
-    key, raw = item.split("=", 1)
-    method = None
-    if ":" in key:
-        method, key = key.split(":", 1)
-        method = method.strip()
-    parts = tuple(p for p in key.strip().split("."))
-    if not parts or any(not p for p in parts):
-        raise ConfigError(f"--set key {key!r} is malformed", "e.g. train.lr or params.r")
+    return _check_override(parse_overrides([item])[0])
+
+
+def _check_override(o: Override) -> Override:
+    """Only run parameters may be overridden, and not the task or method of an entry."""
+    parts, item = o.path, o.text()
     if parts[0] not in RUN_KEYS:
         raise ConfigError(f"unknown key '{parts[0]}' in --set {item}", unknown_hint(parts[0], list(RUN_KEYS)))
     if parts[0] in ("method", "task"):
@@ -262,27 +247,17 @@ def parse_override(item: str) -> Override:
         raise ConfigError(f"--set cannot change '{parts[0]}'", f"edit the study's '{parts[0]}s:' list instead (copy the preset to a YAML file)")
     if parts[0] == "train" and len(parts) > 1 and parts[1] not in TrainConfig.model_fields:
         raise ConfigError(f"unknown key 'train.{parts[1]}' in --set {item}", unknown_hint(parts[1], list(TrainConfig.model_fields)))
-    value = _load_yaml_text(raw, f"--set {item}") if raw.strip() != "" else None
-    return Override(parts, value, method)
+    return o
+
+
+def _method_names() -> list[str]:
+    from .methods import METHODS
+
+    return METHODS.names()
 
 
 # --------------------------------------------------------------------------------------------
 # expansion
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge for mappings (``train``, ``params``); anything else is replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_path(d: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    if len(path) == 1:
-        return {**d, path[0]: value}
-    sub = d.get(path[0])
-    return {**d, path[0]: _set_path(sub if isinstance(sub, dict) else {}, path[1:], value)}
 
 
 def _is_list_type(ann: Any) -> bool:
@@ -355,7 +330,7 @@ def _entry_combos(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any]
             only = m.get("tasks")
             if only is not None and "task" in t and t["task"] not in only:
                 continue
-            merged = _merge(_merge(study.base, t), {k: v for k, v in m.items() if k != "tasks"})
+            merged = deep_merge(deep_merge(study.base, t), {k: v for k, v in m.items() if k != "tasks"})
             where = "study"
             if study.tasks is not None:
                 where += f", tasks[{ti}] ({t['task']})"
@@ -364,15 +339,11 @@ def _entry_combos(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any]
             yield ti, mi, merged, only, where
 
 
-def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] = resolve) -> list[PlannedRun]:
-    """Every run of the study, resolved and validated, deduplicated by run id, in execution order.
-
-    Order: data seed, then n, then task, then method entry — so that a study cut short (``--limit``,
-    a crash) has covered every method on the first samples rather than every sample of one method.
-    """
+def _method_runs(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any], type[BaseModel], list[str] | None, str]]:
+    """Per task × method entry × method: the run dict with ``--set`` overrides applied (still
+    swept), the method's parameter model, the entry's task restriction and where it comes from."""
     from .tasks import TASKS
 
-    planned: dict[str, PlannedRun] = {}
     for ti, mi, merged, only, where in _entry_combos(study):
         for t in only or []:
             TASKS.get(t)  # an unknown task name in a method's 'tasks:' is an error, not a silent filter
@@ -391,27 +362,86 @@ def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] = reso
                         f"scope it to the method that has it, e.g. --set lora:{'.'.join(o.path)}=…"
                         + (f"; {method} parameters: {', '.join(params_model.model_fields)}" if params_model.model_fields else ""),
                     )
-                run = _set_path(run, o.path, o.value)
-            for combo in _expand_run(run, params_model, where):
-                cfg = validate(RunConfig, combo, where=where)
-                if only is not None and cfg.task not in only:
-                    continue
-                resolved = resolver(cfg)
-                run_id = resolved.content_hash()
-                if run_id not in planned:
-                    key = (resolved.seed, resolved.n, ti, mi, len(planned))
-                    planned[run_id] = PlannedRun(run_id, resolved, key)
+                run = set_path(run, o.path, o.value)
+            yield ti, mi, run, params_model, only, where
+
+
+def count_runs(study: StudyConfig) -> int:
+    """How many runs the grid holds (before removing duplicates), counted without building it,
+    and checks that every scoped ``--set`` names a method the study runs."""
+    total, used = 0, set()
+    for _, _, run, params_model, _, _ in _method_runs(study):
+        used.add(run["method"])
+        total += math.prod(_count(run[k], *_field_types(k, params_model)) for k in run)
+    check_scopes(study.overrides, _method_names(), used, "the study")
+    return total
+
+
+def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] = resolve) -> list[PlannedRun]:
+    """Every run of the study, resolved and validated, deduplicated by run id, in execution order.
+
+    Order: data seed, then n, then task, then method entry — so that a study cut short (``--limit``,
+    a crash) has covered every method on the first samples rather than every sample of one method.
+    The grid is counted first: one that is too large is refused before it fills the memory.
+    """
+    total = count_runs(study)
+    if total > MAX_RUNS:
+        raise ConfigError(f"study '{study.name}' would expand to {total:,} runs, more than the limit of {MAX_RUNS:,}",
+                          "sweep fewer values (--seeds, --n, lists in the config) or split it into several studies")
+    planned: dict[str, PlannedRun] = {}
+    task_names: dict[str, str] = {}  # task spec (name or YAML path) → the task's name
+    for ti, mi, run, params_model, only, where in _method_runs(study):
+        for combo in _expand_run(run, params_model, where):
+            cfg = validate(RunConfig, combo, where=where)
+            if only is not None and cfg.task not in only:
+                continue
+            resolved = resolver(cfg)
+            _check_task_name(resolved.task, task_names)
+            run_id = resolved.content_hash()
+            if run_id not in planned:
+                key = (resolved.seed, resolved.n, ti, mi, len(planned))
+                planned[run_id] = PlannedRun(run_id, resolved, key)
     if not planned:
         raise ConfigError(f"study '{study.name}' expands to no runs", "check that each method's 'tasks:' names a task of the study")
     return sorted(planned.values(), key=lambda p: p.sort_key)
+
+
+def _check_task_name(spec: str, seen: dict[str, str]) -> None:
+    """Two task specs (e.g. two custom YAML files) with the same ``name:`` would be merged in the
+    report, which groups runs by task name (2 seeds counted as 4): refuse them."""
+    from .tasks import get_task
+
+    if spec in seen:
+        return
+    name = seen[spec] = get_task(spec).name
+    other = next((s for s, n in seen.items() if n == name and s != spec), None)
+    if other is not None:
+        raise ConfigError(f"two tasks of the study are both named '{name}': '{other}' and '{spec}'",
+                          "give each custom task file a distinct 'name:' (the report groups runs by task name)")
+
+
+def _field_types(key: str, params_model: type[BaseModel]) -> tuple[Any, type[BaseModel] | None]:
+    """A run key's annotation and, for a nested mapping (``train``, ``params``), its model."""
+    ann = _field_ann(RunConfig, key)
+    return ann, params_model if key == "params" else _submodel(ann)
+
+
+def _count(value: Any, ann: Any, sub: type[BaseModel] | None = None) -> int:
+    """``len(_alternatives(value, ann, sub))`` without building the alternatives."""
+    if isinstance(value, dict):
+        return math.prod(_count(v, _field_ann(sub, k), _submodel(_field_ann(sub, k))) for k, v in value.items())
+    if isinstance(value, list):
+        if _is_list_type(ann):
+            return len(value) if value and all(isinstance(v, list) for v in value) else 1
+        return sum(_count(v, ann, sub) for v in value)
+    return 1
 
 
 def _expand_run(run: dict[str, Any], params_model: type[BaseModel], where: str) -> list[dict[str, Any]]:
     keys = list(run)
     alts = []
     for k in keys:
-        ann = _field_ann(RunConfig, k)
-        sub = params_model if k == "params" else _submodel(ann)
+        ann, sub = _field_types(k, params_model)
         if k == "params" and run[k] is not None and not isinstance(run[k], (dict, list)):
             raise ConfigError(f"{where}: 'params' must be a mapping of method parameters, got {run[k]!r}", "e.g. params: {r: 8}")
         try:
@@ -532,6 +562,9 @@ def run_study(
     with study_lock(out):
         write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
+            if store.quarantined:
+                console.print(f"[yellow]warning:[/yellow] {escape(str(store.path))} was damaged; set aside as "
+                              f"{escape(store.quarantined.name)} and rebuilt from the finished runs in {escape(str(out / RUNS_DIR))}")
             store.set_meta("study", json.dumps({"name": study.name, "description": study.description, "source": study.source,
                                                 "overrides": [o.text() for o in study.overrides]}))
             store.set_meta("study_run_ids", json.dumps([p.run_id for p in planned]))

@@ -36,11 +36,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field
 
 from ..config import StrictModel, validate
 from ..errors import ConfigError, DataError
+from ..overrides import load_yaml_text
 from ..prompts import Pattern
 from ..registry import unknown_hint
 from .base import TASKS, DataFile, Example, Split, Task
@@ -227,7 +227,7 @@ def _label_of(raw: object, spec: CustomTaskSpec, where: str) -> int | None:
     value = str(raw).strip()
     if spec.label_map is not None:
         if value not in spec.label_map:
-            raise DataError(f"{where}: unknown label {value!r} (label_map has {sorted(spec.label_map)})",
+            raise DataError(f"{where}: unknown label {_short(value)} (label_map has {sorted(spec.label_map)})",
                             "add it to label_map (null drops such rows) or fix the data")
         mapped = spec.label_map[value]
         return None if mapped is None else spec.label_names.index(mapped)
@@ -236,9 +236,24 @@ def _label_of(raw: object, spec: CustomTaskSpec, where: str) -> int | None:
     if value.isdigit() and int(value) < len(spec.label_names):
         return int(value)
     raise DataError(
-        f"{where}: unknown label {value!r} (expected one of {spec.label_names} or an id 0..{len(spec.label_names) - 1})",
+        f"{where}: unknown label {_short(value)} (expected one of {spec.label_names} or an id 0..{len(spec.label_names) - 1})",
         "fix the data or add a label_map from raw values to label names",
     )
+
+
+def _fields_found(row: dict[str, object], needed: list[str]) -> str:
+    """The field names a row has, for an error message, but only when they look like the header
+    the task expects (some expected name is there): a task's ``path`` may point at any file, and
+    its first line is then content, which an error message should not echo."""
+    names = [str(k) for k in row]
+    if not set(names) & set(needed):
+        return f"the first line has {len(names)} column(s) and none of {', '.join(needed)}: is it a header row?"
+    return "fields: " + ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in names[:20]) + (" ..." if len(names) > 20 else "")
+
+
+def _short(value: str, limit: int = 20) -> str:
+    """A raw value for an error message, cut short (file contents stay out of messages)."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def _make_loader(spec: CustomTaskSpec, fs: FileSpec, split: str) -> Callable[[Path], list[Example]]:
@@ -255,7 +270,7 @@ def _make_loader(spec: CustomTaskSpec, fs: FileSpec, split: str) -> Callable[[Pa
             where = f"{name}, line {line}" if fs.hf_dataset is None else f"{name}, row {line}"
             for col in needed:
                 if col not in row:
-                    raise DataError(f"{where}: no field '{col}' (fields: {', '.join(map(str, row))})",
+                    raise DataError(f"{where}: no field '{col}' ({_fields_found(row, needed)})",
                                     "check the task's label_field/text_fields/id_field or the file's header")
             label = _label_of(row[spec.label_field], spec, where)
             if label is None:
@@ -264,7 +279,7 @@ def _make_loader(spec: CustomTaskSpec, fs: FileSpec, split: str) -> Callable[[Pa
             for f in spec.text_fields:
                 value = row[f]
                 if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{where}: empty or non-text '{f}' ({value!r})", "every text field needs non-empty text")
+                    raise DataError(f"{where}: empty or non-text '{f}' ({type(value).__name__})", "every text field needs non-empty text")
                 fields[f] = value.strip()
             ex_id = f"{split}:{row[spec.id_field] if spec.id_field else idx}"
             if ex_id in seen:
@@ -316,10 +331,7 @@ def load_custom_task(path: str | Path) -> Task:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"task file '{p}' does not exist", "give the path to a task YAML file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"task file '{p}' is not valid YAML: {e}", "fix the YAML syntax") from None
+    data = load_yaml_text(p.read_text(encoding="utf-8-sig"), f"task file '{p}'")
     if not isinstance(data, dict):
         raise ConfigError(f"task file '{p}' must contain a mapping (name:, label_names:, ...)", "see fewtune.tasks.custom for an example")
     # Validate nested entries on their own first: their unknown keys then get "did you mean" hints.

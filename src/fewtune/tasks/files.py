@@ -86,9 +86,9 @@ def is_gzip(path: Path) -> bool:
 
 def open_text(path: Path) -> io.TextIOBase:
     """Open a UTF-8 text file for reading, transparently decompressing gzip (by magic bytes)."""
-    if is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+    if is_gzip(path):  # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column name
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def read_text(path: Path) -> str:
