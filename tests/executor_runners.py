@@ -45,11 +45,16 @@ def diverges(cfg, out_dir: Path, *, data_dir=None, progress=None):
 
 
 def hangs_mid_write(cfg, out_dir: Path, *, data_dir=None, progress=None):
-    """Writes its pid and a half-written temporary directory, then works forever."""
+    """Writes its pid and a half-written temporary directory, then works until stopped; notes
+    when it was stopped by an interrupt (the executor's SIGTERM), rather than killed outright."""
     (out_dir.parent / f".{out_dir.name}.tmp-half").mkdir(parents=True)
     (out_dir.parent / f"{out_dir.name}.pid").write_text(str(os.getpid()))
-    while True:
-        time.sleep(0.1)
+    try:
+        while True:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        (out_dir.parent / f"{out_dir.name}.interrupted").write_text("")
+        raise
 
 
 def write_fake_runner(cfg, out_dir: Path, *, data_dir=None, progress=None):

@@ -96,11 +96,43 @@ def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path)
     with pytest.raises(KeyboardInterrupt):
         run_study(study, tmp_path, show_progress=False, executor=SubprocessExecutor(runners.hangs_mid_write, preload=[]))
     child = int((tmp_path / "runs" / f"{first.run_id}.pid").read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)  # stopped and reaped: no orphan
+    assert (tmp_path / "runs" / f"{first.run_id}.interrupted").exists()  # stopped by the executor, cleanly
+    assert not _alive(child)  # and reaped: no orphan
     with Store(tmp_path) as s:
         assert s.counts() == {"pending": 4, "running": 0, "done": 0, "failed": 0}
     assert not list((tmp_path / "runs").glob(".*tmp-*"))  # no half-written run directory
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state
+
+
+def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the study process: its run's process ends too, so it cannot write into a study
+    that a new process resumes."""
+    code = ("import sys; sys.path[:0] = {paths!r}; import executor_runners as r; "
+            "from fewtune.study import parse_study, run_study; from fewtune.executors import SubprocessExecutor; "
+            "run_study(parse_study({study!r}), {out!r}, show_progress=False, executor=SubprocessExecutor(r.hangs_mid_write, preload=[]))"
+            ).format(paths=[str(Path(__file__).parent), str(REPO / "src")], study=FAKE, out=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    pid_files: list[Path] = []
+    deadline = time.time() + 60
+    while not pid_files:
+        assert parent.poll() is None and time.time() < deadline, parent.stderr.read().decode()[-2000:] if parent.poll() else "no run started"
+        time.sleep(0.05)
+        pid_files = list((tmp_path / "runs").glob("*.pid")) if (tmp_path / "runs").is_dir() else []
+    child = int(pid_files[0].read_text())
+    parent.kill()
+    parent.wait(10)
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
 
 
 def test_deleted_run_directory_is_run_again_on_resume(tmp_path: Path) -> None:
