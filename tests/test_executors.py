@@ -171,3 +171,35 @@ def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_
     assert by_model["tiny-random"].status == "done"
     bad = by_model[str(tmp_path / "no-such-model")]
     assert bad.status == "failed" and bad.error.startswith("ConfigError: cannot load model")
+
+
+def test_memory_meter_cpu_path_has_no_reserved_peak() -> None:
+    import torch
+
+    from fewtune.resources import ResourceMeter
+
+    report = ResourceMeter(torch.device("cpu")).report(torch.nn.Linear(2, 2), "fp32", 0)
+    assert report["memory_kind"] == "rss" and report["peak_reserved_mb"] is None and report["peak_memory_mb"] > 0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_memory_meter_cuda_peaks_are_per_run() -> None:
+    """The allocated and reserved peaks of a run do not include an earlier, larger run once the
+    in-process executor has released memory between them."""
+    import torch
+
+    from fewtune.executors import release_memory
+    from fewtune.resources import ResourceMeter
+
+    dev = torch.device("cuda")
+    big = ResourceMeter(dev)
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    first = big.report(torch.nn.Linear(2, 2), "fp32", 0)
+    del x
+    release_memory()
+    small = ResourceMeter(dev)
+    y = torch.empty(2**20, dtype=torch.uint8, device=dev)
+    second = small.report(torch.nn.Linear(2, 2), "fp32", 0)
+    del y
+    assert first["peak_memory_mb"] >= 256 and first["peak_reserved_mb"] >= first["peak_memory_mb"]
+    assert second["peak_memory_mb"] < 16 and second["peak_reserved_mb"] < 64
