@@ -10,7 +10,8 @@ run with the ``subprocess`` executor. With ``inprocess`` the allocator keeps mem
 earlier runs and the peak counts it.
 
 (2) Wall time. A slice of the ``quick`` preset (``--seeds 0``: all 6 methods × 2 tasks = 12 runs,
-the preset's steps and eval subsets) through ``fewtune study --executor subprocess`` and
+the preset's 12 steps, eval subsets of ``--eval-limit`` examples: 32 by default, the preset's 128
+took too long on a shared CPU) through ``fewtune study --executor subprocess`` and
 ``--executor inprocess``, alternated (A B, then B A with ``--repeats 2``) so load drift hits both.
 Reported: total wall time, the ratio, and the per-run overhead (total minus the runs' own
 ``wall_seconds``). Goal: subprocess ≤ 1.15 × inprocess.
@@ -86,9 +87,10 @@ def memory_part(tmp: Path, threads: int) -> tuple[str, dict[str, float]]:
     return md_table(headers, rows), ratios
 
 
-def wall_part(tmp: Path, threads: int, repeats: int, quick: bool) -> tuple[str, float]:
+def wall_part(tmp: Path, threads: int, repeats: int, quick: bool, eval_limit: int) -> tuple[str, float]:
     """(markdown table, median subprocess/inprocess ratio)."""
-    args = ["study", "quick", "--seeds", "0", "--no-report"] + (["--set", "eval_limit=16", "--set", "train.max_steps=2"] if quick else [])
+    args = ["study", "quick", "--seeds", "0", "--no-report", "--set", f"eval_limit={eval_limit}"]
+    args += ["--set", "train.max_steps=2"] if quick else []
     times: dict[str, list[float]] = {ex: [] for ex in EXECUTORS}
     own: dict[str, list[float]] = {ex: [] for ex in EXECUTORS}
     runs = 0
@@ -112,6 +114,7 @@ def wall_part(tmp: Path, threads: int, repeats: int, quick: bool) -> tuple[str, 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--eval-limit", type=int, default=32, help="eval examples per eval set in the quick slice (preset: 128)")
     p.add_argument("--repeats", type=int, default=1, help="wall-time repetitions per executor (alternating order)")
     args = p.parse_args()
     threads = args.threads or 1
@@ -120,13 +123,13 @@ def main() -> None:
         tmp = Path(d)
         mem_table, ratios = memory_part(tmp, threads)
         print(mem_table, "\n", flush=True)
-        wall_table, ratio = wall_part(tmp, threads, args.repeats, args.quick)
+        wall_table, ratio = wall_part(tmp, threads, args.repeats, args.quick, args.eval_limit)
         print(wall_table, flush=True)
     load_after = load_average()
     worst = max(abs(ratios[f"subprocess:{m}"] - 1) for m in ORDER[1:])
-    slice_text = "12 runs: `fewtune study quick --seeds 0` (all 6 methods × CoLA and MNLI, the preset's 12 steps and 128-example eval subsets)"
-    if args.quick:
-        slice_text = "`--quick`: `quick --seeds 0` with eval_limit=16, max_steps=2"
+    slice_text = (f"12 runs: `fewtune study quick --seeds 0 --set eval_limit={args.eval_limit}` (all 6 methods × CoLA and "
+                  f"MNLI, {'2 steps (`--quick`)' if args.quick else 'the preset’s 12 steps'}, {args.eval_limit}-example eval subsets "
+                  f"instead of the preset's 128: the whole preset takes too long on a shared CPU)")
     body = f"""Each run in a fresh process (`--executor subprocess`, the default) vs all runs in the study's
 process (`--executor inprocess`). Every `fewtune` process ran with {threads} torch thread(s).
 

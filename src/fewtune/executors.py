@@ -40,8 +40,9 @@ Runner = Callable[..., Any]
 ``fewtune.runner.run_experiment`` by default. Injectable so tests can stand in for real runs."""
 
 EXECUTORS = ("subprocess", "inprocess")
-# Imported once by the fork server, so that each run's process starts with them in memory.
-PRELOAD = ["torch", "transformers", "peft", "fewtune.runner"]
+# Imported once by the fork server, so that each run's process starts with them in memory (the
+# embedded model is a Llama: its modeling code is imported lazily by transformers otherwise).
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "fewtune.runner"]
 STOP_GRACE_S = 10.0  # after SIGTERM, how long a run may take to clean up before SIGKILL
 SIGNAL_HINTS = {
     "SIGKILL": "out of memory (the kernel's OOM killer) or kill -9",
