@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fewtune.executors import InProcessExecutor
 from fewtune import identity
 from fewtune.errors import ConfigError
 from fewtune.identity import guard_stale, stale_in_study
@@ -43,7 +44,7 @@ def _pairs(planned):
 def test_upgrade_makes_runs_stale_and_the_report_never_mixes_them(tmp_path, monkeypatch):
     study = parse_study(STUDY, "test")
     old_plan = expand(study)
-    run_study(study, tmp_path, runner=fake_runner, show_progress=False, planned=old_plan)
+    run_study(study, tmp_path, executor=InProcessExecutor(fake_runner), show_progress=False, planned=old_plan)
     assert not stale_in_study(tmp_path, _pairs(old_plan))  # same identity: nothing stale
 
     monkeypatch.setattr(identity, "fewtune_version", lambda: "9.9")  # the upgrade
@@ -55,7 +56,7 @@ def test_upgrade_makes_runs_stale_and_the_report_never_mixes_them(tmp_path, monk
     assert "--rerun-stale" in e.value.hint
 
     guard_stale(tmp_path, _pairs(new_plan), rerun_stale=True)
-    out = run_study(study, tmp_path, runner=fake_runner, show_progress=False, planned=new_plan, limit=1)
+    out = run_study(study, tmp_path, executor=InProcessExecutor(fake_runner), show_progress=False, planned=new_plan, limit=1)
     assert out.succeeded == 1
     data = load_study_data(tmp_path)
     assert {r.run_id for r in data.records} == {p.run_id for p in new_plan}
@@ -74,7 +75,7 @@ def test_edited_task_file_makes_its_runs_stale_but_not_others(tmp_path):
                  "patterns:\n  minimal: {template: \"{text} ?\", verbalizer: [\" No\", \" Yes\"]}\n")
     (task_dir / "t.yaml").write_text(yaml_text)
     study = parse_study({"model": "tiny-random", "tasks": [str(task_dir / "t.yaml"), "cola"], "methods": ["zero-shot"]}, "t")
-    run_study(study, tmp_path / "s", runner=fake_runner, show_progress=False)
+    run_study(study, tmp_path / "s", executor=InProcessExecutor(fake_runner), show_progress=False)
     (task_dir / "t.yaml").write_text(yaml_text.replace("{text} ?", "{text} ?!"))
     stale = stale_in_study(tmp_path / "s", _pairs(expand(study)))
     assert len(stale) == 1 and set(stale.changes) == {"task_digest"}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from fewtune.errors import ConfigError
+from fewtune.executors import InProcessExecutor
 from fewtune.store import Store
 from fewtune.study import (
     expand,
@@ -253,9 +254,9 @@ SMALL = {"model": "tiny-random", "task": "cola", "seed": [0, 1, 2], "methods": [
 def test_rerun_skips_finished_runs(tmp_path: Path) -> None:
     study = _study(SMALL)
     fake = FakeRunner()
-    first = run_study(study, tmp_path, runner=fake, show_progress=False)
+    first = run_study(study, tmp_path, executor=InProcessExecutor(fake), show_progress=False)
     assert (first.succeeded, first.counts["done"], first.complete) == (6, 6, True)
-    again = run_study(study, tmp_path, runner=fake, show_progress=False)
+    again = run_study(study, tmp_path, executor=InProcessExecutor(fake), show_progress=False)
     assert (again.ran, again.skipped_done) == (0, 6)
     assert len(fake.calls) == 6
     with Store(tmp_path) as s:
@@ -265,15 +266,15 @@ def test_rerun_skips_finished_runs(tmp_path: Path) -> None:
 
 def test_failures_recorded_and_retried(tmp_path: Path) -> None:
     study = _study(SMALL)
-    out = run_study(study, tmp_path, runner=FakeRunner(fail_methods={"zero-shot"}), show_progress=False)
+    out = run_study(study, tmp_path, executor=InProcessExecutor(FakeRunner(fail_methods={"zero-shot"})), show_progress=False)
     assert (out.succeeded, out.failed_now, out.counts["failed"]) == (3, 3, 3)
     assert all("TrainingDiverged" in f[2] for f in out.failures)
     with Store(tmp_path) as s:
         failed = s.runs(status="failed")
         assert {r.method for r in failed} == {"zero-shot"} and "NaN" in failed[0].error
-    skip = run_study(study, tmp_path, runner=FakeRunner(), show_progress=False)
+    skip = run_study(study, tmp_path, executor=InProcessExecutor(FakeRunner()), show_progress=False)
     assert (skip.ran, skip.skipped_failed) == (0, 3)
-    retry = run_study(study, tmp_path, runner=FakeRunner(), retry_failed=True, show_progress=False)
+    retry = run_study(study, tmp_path, executor=InProcessExecutor(FakeRunner()), retry_failed=True, show_progress=False)
     assert (retry.succeeded, retry.counts["done"]) == (3, 6)
     with Store(tmp_path) as s:
         assert {r.attempts for r in s.runs() if r.method == "zero-shot"} == {2}
@@ -286,19 +287,19 @@ def test_limit_and_bugs_in_runs_are_recorded(tmp_path: Path) -> None:
     def buggy(cfg, out_dir, **kw):
         raise ZeroDivisionError("oops")
 
-    out = run_study(study, tmp_path, runner=buggy, limit=2, show_progress=False)
+    out = run_study(study, tmp_path, executor=InProcessExecutor(buggy), limit=2, show_progress=False)
     assert (out.ran, out.failed_now, out.counts["pending"]) == (2, 2, 4)
     with Store(tmp_path) as s:
         err = s.runs(status="failed")[0].error
     assert err.startswith("ZeroDivisionError: oops") and "Traceback" in err
     with pytest.raises(ConfigError, match="--limit"):
-        run_study(study, tmp_path, runner=buggy, limit=0, show_progress=False)
+        run_study(study, tmp_path, executor=InProcessExecutor(buggy), limit=0, show_progress=False)
 
 
 def test_interrupt_leaves_run_pending(tmp_path: Path) -> None:
     study = _study(SMALL)
     with pytest.raises(KeyboardInterrupt):
-        run_study(study, tmp_path, runner=FakeRunner(interrupt_at=2), show_progress=False)
+        run_study(study, tmp_path, executor=InProcessExecutor(FakeRunner(interrupt_at=2)), show_progress=False)
     with Store(tmp_path) as s:
         assert s.counts() == {"pending": 5, "running": 0, "done": 1, "failed": 0}
 
@@ -313,7 +314,7 @@ def test_finished_but_unrecorded_run_is_adopted_and_leftovers_removed(tmp_path: 
     leftover.mkdir(parents=True)
     (leftover / "metrics.json").write_text("{")
     fake = FakeRunner()
-    out = run_study(study, tmp_path, runner=fake, show_progress=False)
+    out = run_study(study, tmp_path, executor=InProcessExecutor(fake), show_progress=False)
     assert out.adopted == 1 and out.succeeded == 5 and first.run_id not in fake.calls
     assert not leftover.exists()
 
@@ -321,7 +322,7 @@ def test_finished_but_unrecorded_run_is_adopted_and_leftovers_removed(tmp_path: 
 def test_one_process_per_study_dir(tmp_path: Path) -> None:
     with study_lock(tmp_path):
         with pytest.raises(ConfigError, match="another fewtune study is running"):
-            run_study(_study(SMALL), tmp_path, runner=FakeRunner(), show_progress=False)
+            run_study(_study(SMALL), tmp_path, executor=InProcessExecutor(FakeRunner()), show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

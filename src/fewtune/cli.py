@@ -128,7 +128,10 @@ _register_optional_commands()
 def main() -> None:
     """Entry point: user errors become a clear message and exit code 2, not a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Without standalone mode click *returns* a typer.Exit's code rather than exiting with it.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FewtuneError as e:
         err_console.print(f"[bold red]error:[/bold red] {e.message}")
         if e.hint:

@@ -31,15 +31,21 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, check that each can work (tokenizer only) and exit"),
         report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
+        executor: str = typer.Option(
+            "subprocess", "--executor",
+            help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
+                 "contained) or inprocess (one process; for debugging)"),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from rich.markup import escape
 
         from .identity import guard_stale
+        from .executors import make_executor
         from .study import expand, load_study, run_study
 
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
+        runs_in = make_executor(executor)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
@@ -53,11 +59,12 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
         console.print(f"study [bold]{study.name}[/bold] ({study.source}): {len(planned)} runs → {out}")
         outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                            console=console, planned=planned)
+                            console=console, planned=planned, executor=runs_in)
         c = outcome.counts
         console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
                       f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
-                      + (f", {outcome.adopted} recovered from disk" if outcome.adopted else ""))
+                      + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
+                      + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
         console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
                       f"{c.get('pending', 0)} pending")
         if report and c.get("done", 0):

@@ -2,7 +2,11 @@
 
 Peak memory on CPU is the process's resident-set high-water mark (VmHWM). Linux lets a process
 reset it (``echo 5 > /proc/self/clear_refs``), so each run in a long-lived study process gets its
-own peak rather than the largest of all runs so far. On GPU it is ``max_memory_allocated``.
+own peak rather than the largest of all runs so far — but memory the allocator kept from earlier
+runs still counts, which is why studies run each run in a fresh process (``fewtune.executors``).
+On GPU it is ``max_memory_allocated`` (tensors), and the caching allocator's reserved peak
+(``max_memory_reserved``: what the device really had to provide) is recorded beside it; both are
+reset when the meter starts.
 """
 
 from __future__ import annotations
@@ -123,6 +127,13 @@ class ResourceMeter:
             return torch.cuda.max_memory_allocated(self.dev) / 2**20
         return peak_rss_mb()
 
+    def peak_reserved_mb(self) -> float | None:
+        """The CUDA caching allocator's reserved peak (≥ ``peak_mb``: fragmentation and cached
+        blocks); None off CUDA, where RSS already is what the system provided."""
+        if self.dev.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.dev) / 2**20
+        return None
+
     def report(self, model: torch.nn.Module, precision: str, optimizer_steps: int, trains: bool = True) -> dict:
         trainable, total = count_parameters(model)
         trainable = trainable if trains else 0
@@ -134,6 +145,7 @@ class ResourceMeter:
         return {
             "peak_memory_mb": round(self.peak_mb(), 1),
             "memory_kind": "cuda_max_allocated" if self.dev.type == "cuda" else "rss",
+            "peak_reserved_mb": None if (r := self.peak_reserved_mb()) is None else round(r, 1),
             "memory_at_start_mb": round(self.baseline_mb, 1),
             "peak_is_per_run": self.exact_peak,
             "trainable_params": trainable,

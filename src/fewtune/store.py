@@ -341,6 +341,13 @@ class Store:
                 (error, time.time(), run_id),
             )
 
+    def requeue_missing(self, run_id: str) -> None:
+        """A run recorded done whose files were deleted: pending again, so it runs again (a
+        report built from the database alone would otherwise cite files that do not exist)."""
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET status='pending', metrics_json=NULL, run_dir=NULL WHERE run_id=? AND status='done'",
+                      (run_id,))
+
     def mark_pending(self, run_id: str) -> None:
         """An interrupted run (Ctrl-C) is neither done nor failed: it will simply run again."""
         with self.transaction() as c:

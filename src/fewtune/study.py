@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import time
-import traceback
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +48,7 @@ from pydantic import BaseModel
 from .config import RunConfig, TrainConfig, resolve, validate
 from .errors import ConfigError, FewtuneError
 from .overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
+from .executors import Executor, RunOutcome, SubprocessExecutor
 from .registry import closest, unknown_hint
 from .atomic import write_atomic
 from .store import RUNS_DIR, Store
@@ -499,27 +499,13 @@ class StudyOutcome:
     adopted: int = 0  # finished on disk but not yet recorded (crash between write and commit)
     skipped_done: int = 0
     skipped_failed: int = 0
+    missing: list[str] = field(default_factory=list)  # recorded done, directory deleted: run again
     counts: dict[str, int] = field(default_factory=dict)  # over the study's runs, after this call
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (run id, label, error)
 
     @property
     def complete(self) -> bool:
         return self.counts.get("done", 0) == self.planned
-
-
-Runner = Callable[..., Any]
-
-
-def _default_runner() -> Runner:
-    from .runner import run_experiment
-
-    return run_experiment
-
-
-def _format_error(e: BaseException) -> str:
-    if isinstance(e, FewtuneError):
-        return f"{type(e).__name__}: {e}"
-    return f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:
@@ -539,14 +525,16 @@ def run_study(
     data_dir: Path | None = None,
     console: Any = None,
     show_progress: bool = True,
-    runner: Runner | None = None,
+    executor: Executor | None = None,
     planned: list[PlannedRun] | None = None,
 ) -> StudyOutcome:
     """Run every missing run of ``study`` into ``out_dir``; safe to call again after any crash.
 
-    ``runner`` defaults to ``fewtune.runner.run_experiment`` (injectable for tests). ``limit``
-    caps how many runs this call executes. Failed runs are recorded with their error and skipped
-    on the next call unless ``retry_failed``.
+    ``executor`` decides where each run happens: by default ``SubprocessExecutor`` (a fresh
+    process per run, so each run's peak memory is its own); ``InProcessExecutor(runner)`` for
+    tests and debugging. ``limit`` caps how many runs this call executes. Failed runs are recorded
+    with their error and skipped on the next call unless ``retry_failed``. A run recorded done
+    whose directory was deleted runs again.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -557,9 +545,8 @@ def run_study(
     out = Path(out_dir)
     console = console or Console(stderr=True)
     planned = planned if planned is not None else expand(study)
-    run_fn = runner or _default_runner()
     outcome = StudyOutcome(out, len(planned))
-    with study_lock(out):
+    with study_lock(out), (executor or SubprocessExecutor()) as ex:
         write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
             if store.quarantined:
@@ -571,16 +558,7 @@ def run_study(
             store.register((p.run_id, p.config.model_dump(mode="json")) for p in planned)
             store.reset_stale()
             _clean_leftovers(out / RUNS_DIR)
-            records = {r.run_id: r for r in store.runs(run_ids=[p.run_id for p in planned])}
-            todo = []
-            for p in planned:
-                status = records[p.run_id].status
-                if status == "done":
-                    outcome.skipped_done += 1
-                elif status == "failed" and not retry_failed:
-                    outcome.skipped_failed += 1
-                else:
-                    todo.append(p)
+            todo = _select(planned, store, out, retry_failed, outcome, console)
             if limit is not None:
                 todo = todo[:limit]
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
@@ -589,7 +567,7 @@ def run_study(
                 overall = progress.add_task(f"study {study.name}", total=len(todo))
                 for i, p in enumerate(todo, 1):
                     progress.update(overall, description=escape(f"study {study.name} · run {i}/{len(todo)}: {p.label()}"))
-                    _execute(p, store, out, run_fn, data_dir, progress, outcome, console)
+                    _execute(p, store, out, ex, data_dir, progress, outcome, console)
                     for t in list(progress.task_ids):  # drop bars a run left behind
                         if t != overall:
                             progress.remove_task(t)
@@ -599,6 +577,31 @@ def run_study(
     return outcome
 
 
+def _select(planned: list[PlannedRun], store: Store, out: Path, retry_failed: bool, outcome: StudyOutcome,
+            console: Any) -> list[PlannedRun]:
+    """The runs to execute, in order. A run recorded done whose ``metrics.json`` is gone (its
+    directory deleted by hand) goes back to pending and runs again: reports read the files."""
+    from rich.markup import escape
+
+    records = {r.run_id: r for r in store.runs(run_ids=[p.run_id for p in planned])}
+    todo = []
+    for p in planned:
+        rec = records[p.run_id]
+        if rec.status == "done" and not (out / (rec.run_dir or f"{RUNS_DIR}/{p.run_id}") / "metrics.json").is_file():
+            store.requeue_missing(p.run_id)
+            outcome.missing.append(p.run_id)
+            console.print(f"[yellow]![/yellow] {escape(p.label())} {escape(f'[{p.run_id}]')}: recorded done but its "
+                          f"directory is missing; running it again")
+            todo.append(p)
+        elif rec.status == "done":
+            outcome.skipped_done += 1
+        elif rec.status == "failed" and not retry_failed:
+            outcome.skipped_failed += 1
+        else:
+            todo.append(p)
+    return todo
+
+
 def _counts(store: Store, run_ids: list[str]) -> dict[str, int]:
     counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
     for r in store.runs(run_ids=run_ids):
@@ -606,16 +609,12 @@ def _counts(store: Store, run_ids: list[str]) -> dict[str, int]:
     return counts
 
 
-def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: Path | None, progress: Any,
-             outcome: StudyOutcome, console: Any) -> None:
-    from rich.markup import escape
-
-    rel = f"{RUNS_DIR}/{p.run_id}"
-    run_dir = out / rel
+def _adopt(p: PlannedRun, store: Store, run_dir: Path, rel: str) -> bool:
+    """A run directory written completely (the runner renames a finished directory into place)
+    but not recorded, because the process died in between: record it rather than run it twice.
+    Anything else in its place is removed. True when adopted."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
-        # Written completely (the runner renames a finished directory into place) but the process
-        # died before recording it: adopt it rather than run it twice.
         try:
             metrics = json.loads(metrics_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -624,27 +623,37 @@ def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: P
         # differ, e.g. after it clips max_context to the model's positions.)
         if isinstance(metrics, dict) and metrics.get("status", "ok") == "ok" and isinstance(metrics.get("eval"), dict):
             store.mark_done(p.run_id, metrics, rel)
-            outcome.adopted += 1
-            return
-        shutil.rmtree(run_dir)
-    elif run_dir.exists():
+            return True
+    if run_dir.exists():
         shutil.rmtree(run_dir)  # not a finished run: never produced by the atomic runner, but be safe
+    return False
+
+
+def _execute(p: PlannedRun, store: Store, out: Path, executor: Executor, data_dir: Path | None, progress: Any,
+             outcome: StudyOutcome, console: Any) -> None:
+    from rich.markup import escape
+
+    rel = f"{RUNS_DIR}/{p.run_id}"
+    run_dir = out / rel
+    if _adopt(p, store, run_dir, rel):
+        outcome.adopted += 1
+        return
     store.mark_running(p.run_id)
     outcome.ran += 1
     t0 = time.time()
     try:
-        result = run_fn(p.config, run_dir, data_dir=data_dir, progress=progress)
+        result: RunOutcome = executor.run(p, run_dir, data_dir=data_dir, progress=progress)
     except KeyboardInterrupt:
         store.mark_pending(p.run_id)
         raise
-    except Exception as e:  # noqa: BLE001 — a failed run is recorded, the study goes on
-        msg = _format_error(e)
+    if not result.ok:
+        msg = result.error or ""
         store.mark_failed(p.run_id, msg)
         outcome.failed_now += 1
         outcome.failures.append((p.run_id, p.label(), msg.splitlines()[0]))
         console.print(f"[red]✗ failed[/red] {escape(p.label())} {escape(f'[{p.run_id}]')}: {escape(msg.splitlines()[0])}")
         return
-    metrics = result.metrics if hasattr(result, "metrics") else dict(result)
+    metrics = result.metrics or {}
     store.mark_done(p.run_id, metrics, rel)
     outcome.succeeded += 1
     console.print(f"[green]✓[/green] {escape(p.label())} {escape(f'[{p.run_id}]')}: {escape(_metrics_line(metrics))} ({time.time() - t0:.0f} s)")

@@ -1,0 +1,61 @@
+"""Stand-in runners for the executor tests. They live in an importable module (not in a test file
+or ``__main__``) because the subprocess executor pickles its runner by reference and the run's
+process imports it again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from fewtune.errors import TrainingDiverged
+
+
+def fake_metrics(cfg) -> dict:
+    return {"run_id": cfg.content_hash(), "task": cfg.task, "method": cfg.method, "model": cfg.model, "n": cfg.n,
+            "seed": cfg.seed, "eval": {es: {"domain": "id", "n": 10, "n_skipped": 0, "accuracy": 0.5, "mcc": 0.0}
+                                       for es in cfg.eval_sets},
+            "resources": {"peak_memory_mb": 1.0, "memory_kind": "rss"}, "warnings": [], "pid": os.getpid()}
+
+
+def write_fake(cfg, out_dir: Path) -> SimpleNamespace:
+    metrics = fake_metrics(cfg)
+    out_dir.mkdir(parents=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics))
+    return SimpleNamespace(metrics=metrics)
+
+
+def killed_by_signal(cfg, out_dir: Path, *, data_dir=None, progress=None):
+    """zero-shot runs die by SIGKILL (as under the OOM killer); the others finish."""
+    if cfg.method == "zero-shot":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_fake(cfg, out_dir)
+
+
+def diverges(cfg, out_dir: Path, *, data_dir=None, progress=None):
+    """zero-shot runs raise TrainingDiverged (a FewtuneError); icl runs hit a bug."""
+    if cfg.method == "zero-shot":
+        raise TrainingDiverged("training loss became NaN at step 1", "lower train.lr")
+    if cfg.method == "icl" and cfg.seed == 1:
+        raise ZeroDivisionError("oops")
+    return write_fake(cfg, out_dir)
+
+
+def hangs_mid_write(cfg, out_dir: Path, *, data_dir=None, progress=None):
+    """Writes its pid and a half-written temporary directory, then works until stopped; notes
+    when it was stopped by an interrupt (the executor's SIGTERM), rather than killed outright."""
+    (out_dir.parent / f".{out_dir.name}.tmp-half").mkdir(parents=True)
+    (out_dir.parent / f"{out_dir.name}.pid").write_text(str(os.getpid()))
+    try:
+        while True:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        (out_dir.parent / f"{out_dir.name}.interrupted").write_text("")
+        raise
+
+
+def write_fake_runner(cfg, out_dir: Path, *, data_dir=None, progress=None):
+    return write_fake(cfg, out_dir)
