@@ -11,6 +11,27 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from .atomic import ensure_writable_dir
+from .cli_options import set_threads, threads_option
+from .errors import ConfigError, Interrupted
+
+STUDY_MARKERS = ("study.db", "study.yaml")  # what makes a directory recognisably a study
+
+
+def check_study_dir(out: Path) -> None:
+    """Before any work: OUT must be a study directory (to resume), empty or new, and writable.
+    A directory holding other things (the user's own report.md…) is refused, not overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory", "give --out a directory path (the file was left untouched)")
+    if out.is_dir() and not any((out / m).exists() for m in STUDY_MARKERS):
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:5]) + (f", … ({len(found)} entries)" if len(found) > 5 else "")
+            raise ConfigError(f"{out} is not a fewtune study directory (no {' or '.join(STUDY_MARKERS)}) but holds: {shown}",
+                              "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
+    ensure_writable_dir(out)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,22 +50,28 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
         report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
+        threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from .study import expand, load_study, run_study
 
+        set_threads(threads)
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
         planned = expand(study)
         if dry_run:
             out_console = Console()
             for p in planned:
-                out_console.print(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}")
+                out_console.print(escape(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}"))
             out_console.print(f"{len(planned)} runs")
             return
-        console.print(f"study [bold]{study.name}[/bold] ({study.source}): {len(planned)} runs → {out}")
-        outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                            console=console, planned=planned)
+        check_study_dir(out)
+        console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
+        try:
+            outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
+                                console=console, planned=planned)
+        except KeyboardInterrupt:
+            raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         c = outcome.counts
         console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
                       f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
@@ -55,7 +82,7 @@ def register(app: typer.Typer) -> None:
             from .report import write_report
 
             paths = write_report(out)
-            Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]")
+            Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]")
         if c.get("failed", 0):
             console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
                           "fix the cause and re-run with --retry-failed")
@@ -63,12 +90,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report")
     def report_cmd(
-        study_dir: Path = typer.Argument(..., help="a study directory (fewtune study --out DIR)"),
+        study_dir: Path = typer.Argument(..., metavar="DIR", help="a study directory (fewtune study --out DIR)"),
         margin: float = typer.Option(0.05, "--margin", help="equivalence margin (accuracy) for 'comparable' claims"),
     ) -> None:
         """Write report.md, report.html, plots and CSV exports into DIR."""
         from .report import write_report
 
         paths = write_report(study_dir, margin=margin)
-        Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]; "
-                        f"CSV in {paths.csv_dir}, plots in {paths.figures_dir}")
+        Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]; "
+                        f"CSV in {escape(str(paths.csv_dir))}, plots in {escape(str(paths.figures_dir))}")

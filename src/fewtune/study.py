@@ -32,11 +32,12 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import time
 import traceback
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ import yaml
 from pydantic import BaseModel
 
 from .config import RunConfig, TrainConfig, resolve, validate
-from .errors import ConfigError, FewtuneError
+from .errors import ConfigError, FewtuneError, OutputError
 from .registry import closest, unknown_hint
 from .atomic import write_atomic
 from .store import RUNS_DIR, Store
@@ -593,8 +594,12 @@ def _execute(p: PlannedRun, store: Store, out: Path, run_fn: Runner, data_dir: P
     t0 = time.time()
     try:
         result = run_fn(p.config, run_dir, data_dir=data_dir, progress=progress)
-    except KeyboardInterrupt:
-        store.mark_pending(p.run_id)
+    except (KeyboardInterrupt, OutputError):
+        # Not the run's fault (Ctrl-C, a full or read-only disk): stop the study, keep the run
+        # pending so that re-running resumes it (if even that cannot be written, the run stays
+        # "running", which the next call's reset_stale turns back into pending).
+        with suppress(sqlite3.Error):
+            store.mark_pending(p.run_id)
         raise
     except Exception as e:  # noqa: BLE001 — a failed run is recorded, the study goes on
         msg = _format_error(e)
