@@ -48,7 +48,6 @@ def test_no_arguments_shows_help(tmp_path, data_dir):
     [
         (["--task", "[/x]", "--method", "icl"], "unknown task '[/x]'"),  # a closing tag crashed the handler
         (["--task", "cola", "--method", "[icl]"], "unknown method '[icl]'"),  # an opening tag vanished
-        (["--task", "cola", "--method", "icl", "--set", "n=[2, 3]"], "[2, 3]"),
     ],
 )
 def test_user_text_is_not_rich_markup(tmp_path, data_dir, extra, shown):
@@ -109,3 +108,10 @@ def test_study_out_that_is_a_file_is_refused(tmp_path, data_dir):
     res = fewtune("study", str(study), "--out", "f", data_dir=data_dir, cwd=tmp_path)
     assert res.returncode == 2 and "is a file" in res.stderr, res.stderr
     assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_too_long_prompt_hint_names_a_flag_that_exists(tmp_path, data_dir):
+    res = fewtune(*BASE, "--task", "cola", "--method", "icl", "--set", "max_context=40", "--out", "o", data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    hint = res.stderr.replace("\n", " ")
+    assert "--set max_context=" in hint and "--max-context" not in hint
