@@ -102,6 +102,15 @@ def test_study_refuses_a_directory_that_is_not_a_study(tmp_path, data_dir):
     assert (out / "report.md").read_text() == "my own notes"
 
 
+def test_study_killed_in_its_first_instant_is_still_a_study(tmp_path, data_dir):
+    study = _study_yaml(tmp_path, methods=["zero-shot"])
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / ".lock").write_text("12345")  # all that a study killed right after starting leaves
+    res = fewtune("study", str(study), "--no-report", "--out", "s", data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "1/1 done" in res.stderr
+
+
 def test_study_out_that_is_a_file_is_refused(tmp_path, data_dir):
     study = _study_yaml(tmp_path)
     (tmp_path / "f").write_text("keep me")
