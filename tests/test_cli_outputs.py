@@ -84,14 +84,21 @@ def test_out_that_is_a_file_is_refused_and_untouched(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("command", [[*ZERO_SHOT, "--out"], ["study", "quick", "--seeds", "0", "--out"]])
-def test_unwritable_location_fails_before_any_work(tmp_path, data_dir, command):
-    """A path under a regular file cannot be created, even by root (chmod would not stop root)."""
+@pytest.mark.parametrize(
+    "out, code, message",
+    [
+        ("f/sub/out", 2, ("cannot create f/sub", ": f is a file, not a directory")),  # a wrong path: input error
+        ("/proc/fewtune-test/out", 1, ("cannot write to /proc/fewtune-test", ": No such file or directory")),  # the OS refuses, even root
+    ],
+)
+def test_unwritable_location_fails_before_any_work(tmp_path, data_dir, command, out, code, message):
+    """(chmod would not stop root, so: a path through a regular file, and /proc.)"""
     (tmp_path / "f").write_text("keep me")
-    res = fewtune_patched(NO_WORK, *command, "f/sub/out", data_dir=data_dir, cwd=tmp_path)
-    assert res.returncode == 1, res.stderr
+    res = fewtune_patched(NO_WORK, *command, out, data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == code, res.stderr
     assert "work started" not in res.stderr and "Traceback" not in res.stderr
-    assert "cannot write to f/sub" in res.stderr.replace("\n", " ") and "Not a directory" in res.stderr
-    assert (tmp_path / "f").read_text() == "keep me"
+    assert all(m in res.stderr.replace("\n", " ") for m in message)
+    assert (tmp_path / "f").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_full_disk_while_writing_results_is_clear_and_leaves_no_temporaries(tmp_path, data_dir):

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 
 
 def current_umask() -> int:
@@ -51,8 +51,13 @@ def output_error(e: OSError, path: Path, doing: str) -> OutputError:
 
 def ensure_writable_dir(directory: Path) -> None:
     """Create ``directory`` (and parents) and prove it can be written, by creating and removing
-    a probe file — before hours of work, not after."""
+    a probe file — before hours of work, not after. A path through a regular file is a
+    ``ConfigError`` (exit 2); an OS refusal (read-only, full, …) an ``OutputError`` (exit 1)."""
     directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # the user's path is wrong: an input error
+        where = f"{existing} is a file" if existing == directory else f"cannot create {directory}: {existing} is a file"
+        raise ConfigError(f"{where}, not a directory", "choose another output location (the file was left untouched)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".fewtune-probe-{os.getpid()}-{secrets.token_hex(4)}"
