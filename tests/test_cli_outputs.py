@@ -156,18 +156,20 @@ def test_outputs_respect_the_umask(tmp_path, data_dir):
 
 def _start(args: list[str], data_dir: Path, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, FEWTUNE_DATA_DIR=str(data_dir), COLUMNS="200")
+    # SIGINT back to its default: a shell's background job (pytest … &) would pass it on ignored.
     return subprocess.Popen([sys.executable, "-m", "fewtune", *args], env=env, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _interrupt_when(proc: subprocess.Popen, started, timeout: float = 120) -> tuple[int, str]:
-    """SIGINT (what Ctrl-C sends) once ``started()`` holds and the run had a moment to get going."""
+def _interrupt_when(proc: subprocess.Popen, started, delay: float = 2, timeout: float = 120) -> tuple[int, str]:
+    """SIGINT (what Ctrl-C sends) ``delay`` seconds after ``started()`` holds."""
     deadline = time.time() + timeout
     while not started():
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the command never started"
-        time.sleep(0.2)
-    time.sleep(2)
+        time.sleep(0.02)
+    time.sleep(delay)
     assert proc.poll() is None, "finished before it could be interrupted: make it slower"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -184,9 +186,12 @@ def _torch_loaded(proc: subprocess.Popen) -> bool:
 SLOW = ["--set", "train.max_steps=100000", "--set", "train.batch_size=4"]
 
 
-def test_ctrl_c_during_run_exits_130_and_writes_nothing(tmp_path, data_dir):
+@pytest.mark.parametrize("delay", [0.0, 0.4, 2.0])
+def test_ctrl_c_during_run_exits_130_and_writes_nothing(tmp_path, data_dir, delay):
+    """Early delays land while torch is being imported, where a Ctrl-C used to be swallowed now
+    and then (an import error, exit 1); 2 s lands in training."""
     proc = _start([*BASE, "--task", "cola", "--method", "vanilla", *SLOW, "--out", "o"], data_dir, tmp_path)
-    code, err = _interrupt_when(proc, lambda: _torch_loaded(proc))
+    code, err = _interrupt_when(proc, lambda: _torch_loaded(proc), delay)
     assert code == 130, err
     assert "interrupted" in err and "nothing was written" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

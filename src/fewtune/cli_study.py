@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .atomic import ensure_writable_dir
-from .cli_options import set_threads, threads_option
+from .cli_options import import_torch, set_threads, threads_option
 from .errors import ConfigError, Interrupted
 
 STUDY_MARKERS = ("study.db", "study.yaml")  # what makes a directory recognisably a study
@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         check_study_dir(out)
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
+            import_torch()
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
                                 console=console, planned=planned)
         except KeyboardInterrupt:
