@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_options import set_threads, threads_option
+from .cli_options import import_torch, set_threads, threads_option
 from .config import RunConfig, validate
 from .errors import ConfigError, FewtuneError, Interrupted
 
@@ -105,8 +105,6 @@ def run(
     set_threads(threads)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .runner import run_experiment
-
     data = load_yaml(config, "run config") if config else {}
     flags = {"task": task, "method": method, "n": n, "seed": seed, "model": model, "pattern": pattern,
              "eval_limit": eval_limit, "precision": precision,
@@ -115,6 +113,9 @@ def run(
     data = deep_merge(data, parse_overrides(set_))
     cfg = validate(RunConfig, data, where="run config")
     try:
+        import_torch()
+        from .runner import run_experiment
+
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as progress:
             result = run_experiment(cfg, out, data_dir=data_dir, progress=progress, overwrite=overwrite)

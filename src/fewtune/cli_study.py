@@ -17,19 +17,23 @@ from .atomic import ensure_writable_dir
 from .cli_options import import_torch, set_threads, threads_option
 from .errors import ConfigError, Interrupted
 
-STUDY_MARKERS = ("study.db", "study.yaml")  # what makes a directory recognisably a study
-
 
 def check_study_dir(out: Path) -> None:
     """Before any work: OUT must be a study directory (to resume), empty or new, and writable.
-    A directory holding other things (the user's own report.md…) is refused, not overwritten."""
+    A directory holding other things (the user's own report.md…) is refused, not overwritten.
+    A study is recognised by its database, its study.yaml, or its lock file (a study killed in
+    its first instant may have left only the lock)."""
+    from .store import DB_NAME
+    from .study import LOCK_NAME, STUDY_FILE
+
+    markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory", "give --out a directory path (the file was left untouched)")
-    if out.is_dir() and not any((out / m).exists() for m in STUDY_MARKERS):
+    if out.is_dir() and not any((out / m).exists() for m in markers):
         found = sorted(p.name for p in out.iterdir())
         if found:
             shown = ", ".join(found[:5]) + (f", … ({len(found)} entries)" if len(found) > 5 else "")
-            raise ConfigError(f"{out} is not a fewtune study directory (no {' or '.join(STUDY_MARKERS)}) but holds: {shown}",
+            raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
                               "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
     ensure_writable_dir(out)
 
