@@ -11,6 +11,31 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from .atomic import ensure_writable_dir
+from .cli_options import import_torch, set_threads, threads_option
+from .errors import ConfigError, Interrupted
+
+
+def check_study_dir(out: Path) -> None:
+    """Before any work: OUT must be a study directory (to resume), empty or new, and writable.
+    A directory holding other things (the user's own report.md…) is refused, not overwritten.
+    A study is recognised by its database, its study.yaml, or its lock file (a study killed in
+    its first instant may have left only the lock)."""
+    from .store import DB_NAME
+    from .study import LOCK_NAME, STUDY_FILE
+
+    markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory", "give --out a directory path (the file was left untouched)")
+    if out.is_dir() and not any((out / m).exists() for m in markers):
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:5]) + (f", … ({len(found)} entries)" if len(found) > 5 else "")
+            raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
+                              "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
+    ensure_writable_dir(out)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +60,7 @@ def register(app: typer.Typer) -> None:
             "subprocess", "--executor",
             help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
                  "contained) or inprocess (one process; for debugging)"),
+        threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from rich.markup import escape
@@ -43,6 +69,8 @@ def register(app: typer.Typer) -> None:
         from .executors import make_executor
         from .study import expand, load_study, run_study
 
+        set_threads(threads)
+        import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
         runs_in = make_executor(executor)
@@ -51,15 +79,19 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             out_console = Console()
             for p in planned:
-                out_console.print(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}")
-            out_console.print(f"{len(planned)} runs" + (f"; in {out}: {stale.message()}" if stale else ""))
+                out_console.print(escape(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}"))
+            out_console.print(f"{len(planned)} runs" + (escape(f"; in {out}: {stale.message()}") if stale else ""))
             check_feasibility(planned, data_dir, out_console)
             return
+        check_study_dir(out)
         if stale:
             console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
-        console.print(f"study [bold]{study.name}[/bold] ({study.source}): {len(planned)} runs → {out}")
-        outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                            console=console, planned=planned, executor=runs_in)
+        console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
+        try:
+            outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
+                                console=console, planned=planned, executor=runs_in)
+        except KeyboardInterrupt:
+            raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         c = outcome.counts
         console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
                       f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
@@ -71,7 +103,7 @@ def register(app: typer.Typer) -> None:
             from .report import write_report
 
             paths = write_report(out)
-            Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]")
+            Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]")
         if c.get("failed", 0):
             console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
                           "fix the cause and re-run with --retry-failed")
@@ -94,12 +126,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report")
     def report_cmd(
-        study_dir: Path = typer.Argument(..., help="a study directory (fewtune study --out DIR)"),
+        study_dir: Path = typer.Argument(..., metavar="DIR", help="a study directory (fewtune study --out DIR)"),
         margin: float | None = typer.Option(None, "--margin", help="replace the margin of every non-inferiority/equivalence claim (default: each claim's own)"),
     ) -> None:
         """Write report.md, report.html, plots and CSV exports into DIR."""
         from .report import write_report
 
         paths = write_report(study_dir, margin=margin)
-        Console().print(f"report: [bold]{paths.markdown}[/bold] and [bold]{paths.html}[/bold]; "
-                        f"CSV in {paths.csv_dir}, plots in {paths.figures_dir}")
+        Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]; "
+                        f"CSV in {escape(str(paths.csv_dir))}, plots in {escape(str(paths.figures_dir))}")

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error
 from .config import RunConfig, resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
@@ -37,6 +37,7 @@ class RunResult:
     config: RunConfig
     metrics: dict
     out_dir: Path | None
+    reused: bool = False  # out_dir already held this finished run; nothing was run
 
 
 @dataclass
@@ -77,13 +78,19 @@ def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> d
     return preds
 
 
-def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> RunResult:
-    """Run one experiment; write its files to ``out_dir`` (atomically) if given."""
+def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None,
+                   overwrite: bool = False) -> RunResult:
+    """Run one experiment; write its files to ``out_dir`` (atomically) if given.
+
+    ``out_dir`` is checked before any work (see ``check_out_dir``): if it already holds this very
+    run, finished, nothing is run and its metrics are returned with ``reused=True``.
+    """
     cfg = resolve(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
-    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
-        if not (Path(out_dir) / "metrics.json").exists():
-            raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
+    if out_dir is not None:
+        done = check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite)
+        if done is not None:
+            return RunResult(cfg, done, Path(out_dir), reused=True)
     task = get_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
     dev = device()
@@ -173,6 +180,65 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
 
 
+def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool = False) -> dict | None:
+    """Before any work: ``out_dir`` must be a writable place that this run will not destroy by
+    surprise. Returns the metrics of this same run, finished, if ``out_dir`` already holds it.
+
+    Refused (``ConfigError``): ``out_dir`` is a file; a non-empty directory that is not a run; a
+    run with another config (unless ``overwrite``), listing the differences. Temporaries of
+    killed earlier writers of ``out_dir`` are removed here.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory",
+                          "give --out a directory path (the file was left untouched)")
+    clean_stale_tmp_dirs(out_dir)
+    ensure_writable_dir(out_dir.parent)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    metrics = _read_json(out_dir / "metrics.json")
+    if metrics is None:
+        raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
+    if overwrite:
+        return None
+    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.model_dump(mode="json"))
+    same = metrics.get("run_id") == run_id or not diffs
+    if same:  # a finished run is done; a failure record of the same config is simply retried
+        return metrics if metrics.get("status", "ok") == "ok" else None
+    raise ConfigError(
+        f"{out_dir} already holds a run with a different config (existing → this run):\n  " + "\n  ".join(diffs),
+        "choose another --out directory, or add --overwrite to replace that run")
+
+
+def config_differences(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """``key.path: old → new`` for every leaf that differs between two config dumps."""
+    if old is None:
+        return ["(the existing config.yaml is missing or unreadable)"]
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key, "<unset>"), new.get(key, "<unset>"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {a!r} → {b!r}")
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _clip_context(cfg: RunConfig, max_positions: int | None) -> RunConfig:
     if max_positions and cfg.max_context > max_positions:
         return cfg.model_copy(update={"max_context": max_positions})
@@ -196,9 +262,18 @@ def _curve_point(method: Method, evals: list[EvalData], task: Task) -> dict:
 
 def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
               preds: dict[str, Predictions], task: Task, tokenizer) -> None:
-    """Write all run files into a temp dir next to ``out_dir`` and rename it into place."""
+    """Write all run files into a temp dir next to ``out_dir`` and rename it into place; an OS
+    refusal (ENOSPC, EROFS, …) becomes an ``OutputError`` (exit 1)."""
+    try:
+        _write_run_files(out_dir, cfg, manifest, metrics, evals, preds, tokenizer)
+    except OSError as e:  # full disk, read-only mount, …: say so, leave no temporaries (done below)
+        raise output_error(e, out_dir, "write results to") from None
+
+
+def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
+                     preds: dict[str, Predictions], tokenizer) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = make_tmp_dir(out_dir)
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
@@ -223,12 +298,22 @@ def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, eval
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``. An old ``out_dir`` is first renamed aside (to a temporary
+    name a later run cleans up if we die here), so it is never half-deleted."""
+    if out_dir.exists():
+        old = make_tmp_dir(out_dir)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def _clean(x):

@@ -114,7 +114,7 @@ def encode_prompts(tokenizer, queries: Sequence[str], prefix: str = "", max_cont
     if max_context is not None and len(prefix_ids) >= max_context:
         raise ContextLengthError(
             f"the in-context demonstrations alone are {len(prefix_ids)} tokens, the context limit is {max_context}",
-            "use fewer demonstrations (params.k), a shorter pattern, or a larger --max-context (≤ the model's window)",
+            "use fewer demonstrations (params.k), a shorter pattern, or a larger context with --set max_context=N (≤ the model's window)",
         )
     enc = tokenizer(list(queries), add_special_tokens=not prefix_ids)["input_ids"] if len(queries) else []
     if not prefix_ids and any(len(q) == 0 for q in enc):

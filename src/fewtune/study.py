@@ -33,10 +33,11 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ import yaml
 from pydantic import BaseModel
 
 from .config import RunConfig, TrainConfig, resolve, validate
-from .errors import ConfigError, FewtuneError
+from .errors import ConfigError, FewtuneError, OutputError
 from .overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
 from .executors import Executor, RunOutcome, SubprocessExecutor
 from .registry import closest, unknown_hint
@@ -643,8 +644,15 @@ def _execute(p: PlannedRun, store: Store, out: Path, executor: Executor, data_di
     t0 = time.time()
     try:
         result: RunOutcome = executor.run(p, run_dir, data_dir=data_dir, progress=progress)
-    except KeyboardInterrupt:
-        store.mark_pending(p.run_id)
+        if result.error_type == OutputError.__name__:  # raised where the run executed, reported as data
+            message, _, hint = (result.error or "").split(": ", 1)[-1].partition("\n  hint: ")
+            raise OutputError(message, hint or None)
+    except (KeyboardInterrupt, OutputError):
+        # Not the run's fault (Ctrl-C, a full or read-only disk): stop the study, keep the run
+        # pending so that re-running resumes it (if even that cannot be written, the run stays
+        # "running", which the next call's reset_stale turns back into pending).
+        with suppress(sqlite3.Error):
+            store.mark_pending(p.run_id)
         raise
     if not result.ok:
         msg = result.error or ""
