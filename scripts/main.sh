@@ -7,5 +7,6 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export FEWTUNE_DATA_DIR=${FEWTUNE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 OUT=${1:-runs/quick}
-fewtune study quick --out "$OUT"
+# --rerun-stale: after an upgrade, runs made by the old version are re-run (the report never mixes them)
+fewtune study quick --out "$OUT" --rerun-stale
 
