@@ -140,6 +140,13 @@ n = 16, 4 steps at batch 8, 32-example eval subsets); the same `lora` and `adapt
 {mem_table}
 
 Goal (subprocess within 10 % of alone): **{'met' if worst <= 0.10 else 'NOT met'}** (largest deviation {worst:.1%}).
+Where the subprocess figure sits *below* the lone one, the cause is how RSS counts a forked process:
+a run process forked from the preloaded server does not count the shared library pages it never
+touches, which a fresh `fewtune run` process has resident from its own imports (a tiny-random
+`lora` run peaks at 417 MB in a study and 486 MB alone; importing all libraries before the lone
+run's meter starts raises its RSS at start from 237 to 395 MB but leaves its peak at 486 MB). What the
+executor is for holds either way: a run's figure no longer depends on what ran before it in the
+study (in-process: above).
 
 **(2) Wall time.** Slice: {slice_text}; {args.repeats} repetition(s) per executor, alternated.
 

@@ -210,11 +210,16 @@ def tiny_config(tokenizer, layers: int = 4, hidden: int = 64, initializer_range:
 
 
 def quiet_transformers() -> None:
-    """Progress bars and notices from transformers would interleave with ours."""
+    """Progress bars and notices from transformers would interleave with ours; so would its
+    deprecation warnings about calls peft makes (a user cannot act on them), printed once per run
+    process in a study."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 
 def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None = None) -> LoadedModel:
