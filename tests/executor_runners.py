@@ -14,18 +14,24 @@ from types import SimpleNamespace
 from fewtune.errors import TrainingDiverged
 
 
-def fake_metrics(cfg) -> dict:
+ID_SETS = ("cola-id", "mnli-m")
+
+
+def fake_metrics(cfg, accuracy: float = 0.5) -> dict:
+    """metrics.json of a run that never ran: every field the store, the stats and the report read."""
     return {"run_id": cfg.content_hash(), "task": cfg.task, "method": cfg.method, "model": cfg.model, "n": cfg.n,
-            "seed": cfg.seed, "eval": {es: {"domain": "id", "n": 10, "n_skipped": 0, "accuracy": 0.5, "mcc": 0.0}
-                                       for es in cfg.eval_sets},
-            "resources": {"peak_memory_mb": 1.0, "memory_kind": "rss"}, "warnings": [], "pid": os.getpid()}
+            "seed": cfg.seed, "eval": {es: {"domain": "id" if es in ID_SETS else "ood", "n": 10, "n_skipped": 0,
+                                            "accuracy": accuracy, "mcc": 0.0, "majority_baseline": 0.6, "majority_label": "x",
+                                            "per_label": {}, "groups": {}, "warning": None} for es in cfg.eval_sets},
+            "resources": {"peak_memory_mb": 1.0, "memory_kind": "rss", "trainable_params": 0, "total_params": 1},
+            "warnings": [], "pid": os.getpid()}
 
 
-def write_fake(cfg, out_dir: Path) -> SimpleNamespace:
-    metrics = fake_metrics(cfg)
+def write_fake(cfg, out_dir: Path, accuracy: float = 0.5) -> SimpleNamespace:
+    metrics = fake_metrics(cfg, accuracy)
     out_dir.mkdir(parents=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics))
-    return SimpleNamespace(metrics=metrics)
+    return SimpleNamespace(metrics=metrics, config=cfg, out_dir=out_dir)
 
 
 def killed_by_signal(cfg, out_dir: Path, *, data_dir=None, progress=None):

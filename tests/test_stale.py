@@ -3,14 +3,14 @@ stale runs, refuses to mix them, and re-runs them on request."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+
+from executor_runners import write_fake
 
 from fewtune.executors import InProcessExecutor
 from fewtune import identity
@@ -25,16 +25,7 @@ STUDY = {"name": "stale", "model": "tiny-random", "task": "cola", "seed": [0, 1]
 
 def fake_runner(cfg, out_dir: Path, *, data_dir=None, progress=None):
     """Results that say which identity made them, so mixing would show in the report's rows."""
-    acc = 0.9 if cfg.identity.fewtune_version == "9.9" else 0.5
-    metrics = {"run_id": cfg.content_hash(), "task": cfg.task, "method": cfg.method, "model": cfg.model, "n": cfg.n,
-               "seed": cfg.seed, "eval": {es: {"domain": "id" if es == "cola-id" else "ood", "n": 10, "n_skipped": 0,
-                                               "accuracy": acc, "mcc": 0.0, "majority_baseline": 0.6, "majority_label": "x",
-                                               "per_label": {}, "groups": {}, "warning": None} for es in cfg.eval_sets},
-               "resources": {"peak_memory_mb": 1.0, "memory_kind": "rss", "trainable_params": 0, "total_params": 1},
-               "warnings": []}
-    out_dir.mkdir(parents=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics))
-    return SimpleNamespace(metrics=metrics, config=cfg, out_dir=out_dir)
+    return write_fake(cfg, out_dir, 0.9 if cfg.identity.fewtune_version == "9.9" else 0.5)
 
 
 def _pairs(planned):

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from executor_runners import write_fake
 
 from fewtune.errors import ConfigError
 from fewtune.executors import InProcessExecutor
@@ -236,16 +237,7 @@ class FakeRunner:
             raise TrainingDiverged("training loss became NaN at step 1", "lower train.lr")
         if progress is not None:
             progress.add_task("fake training", total=1)  # left behind on purpose: run_study cleans up
-        acc = 0.5 + 0.01 * cfg.seed
-        metrics = {"run_id": cfg.content_hash(), "task": cfg.task, "method": cfg.method, "model": cfg.model, "n": cfg.n,
-                   "seed": cfg.seed, "eval": {es: {"domain": "id" if es in ("cola-id", "mnli-m") else "ood", "n": 10, "n_skipped": 0,
-                                                   "accuracy": acc, "mcc": 0.0, "majority_baseline": 0.6, "majority_label": "x",
-                                                   "per_label": {}, "groups": {}, "warning": None} for es in cfg.eval_sets},
-                   "resources": {"peak_memory_mb": 1.0, "memory_kind": "rss", "trainable_params": 0, "total_params": 1},
-                   "warnings": []}
-        out_dir.mkdir(parents=True)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics))
-        return SimpleNamespace(metrics=metrics, config=cfg, out_dir=out_dir)
+        return write_fake(cfg, out_dir, 0.5 + 0.01 * cfg.seed)
 
 
 SMALL = {"model": "tiny-random", "task": "cola", "seed": [0, 1, 2], "methods": ["icl", "zero-shot"]}
