@@ -3,7 +3,6 @@ killed runs, permissions and Ctrl-C — each through the real CLI in a subproces
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import import_torch, set_threads, threads_option
 from .config import RunConfig, validate
-from .errors import ConfigError, FewtuneError, Interrupted
+from .errors import FewtuneError, Interrupted
 from .overrides import load_yaml_file, run_data
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fewtune: few-shot adaptation of language models, compared on equal footing.")

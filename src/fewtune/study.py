@@ -47,7 +47,7 @@ import yaml
 from pydantic import BaseModel
 
 from .config import RunConfig, TrainConfig, resolve, validate
-from .errors import ConfigError, FewtuneError, OutputError
+from .errors import ConfigError, OutputError
 from .overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
 from .executors import Executor, RunOutcome, SubprocessExecutor
 from .registry import closest, unknown_hint
