@@ -168,6 +168,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
             outside_verbalizer=p.outside_verbalizer, tie=p.tie,
         )
         m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
+        if p.calibration:  # the bias it estimated; batch calibration is transductive (said here)
+            m["calibration"] = p.calibration
         metrics["eval"][ev.name] = m
         metrics["warnings"].extend(f"{ev.name}: {w}" for w in m.pop("warnings"))
         if ev.warning:

@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..calibration import CALIBRATION_HELP, Calibration
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
 from ..models import autocast, backbone_and_head
-from ..scoring import argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
+from ..scoring import Scores, argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
 from ..tasks.base import Example
 from ..training import Batch, TrainResult, train
 from .base import Method, Predictions
@@ -71,6 +72,7 @@ class LMParams(StrictModel):
     """Options of the LM-head (PBFT) objective."""
 
     restrict_to_verbalizer: bool = Field(False, description="CE over the verbalizer logits only (default: full vocabulary, Mosbach)")
+    calibration: Calibration = Field("none", description="of the LM-head scores at prediction: " + CALIBRATION_HELP)
 
 
 class ObjectiveParams(HeadParams, InputParams, LMParams):
@@ -82,6 +84,8 @@ class ObjectiveParams(HeadParams, InputParams, LMParams):
     def _consistent(self) -> ObjectiveParams:
         if self.objective == "lm" and self.input == "raw":
             raise ValueError("input 'raw' needs objective 'classifier' (the LM objective reads the answer position the pattern ends in)")
+        if self.objective == "classifier" and self.calibration != "none":
+            raise ValueError("calibration applies to the LM head's verbalizer scores: it needs objective 'lm'")
         return self
 
 
@@ -286,10 +290,14 @@ class TrainableMethod(Method):
                 raise RuntimeError("predict() before fit(): the classification head does not exist yet")
             return classify(self.net, ctx.lm.tokenizer, texts, num_labels=ctx.task.num_labels, batch_size=ctx.cfg.eval_batch_size,
                             max_context=ctx.cfg.max_context, precision=ctx.precision, device=ctx.device, on_batch=on_batch)
-        scores = score_prompts(ctx.lm.model, ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
-                               batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
-                               precision=ctx.precision, on_batch=on_batch)
-        return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
+        preds = Predictions.from_scores(self._lm_scores(texts, on_batch), ctx.verbalizer.token_ids)
+        return preds.calibrated(self.params.calibration, lambda: self._lm_scores(ctx.content_free_queries()).label_logprobs)
+
+    def _lm_scores(self, texts: Sequence[str], on_batch: Callable[[int], None] | None = None) -> Scores:
+        ctx = self.ctx
+        return score_prompts(ctx.lm.model, ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
+                             batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
+                             precision=ctx.precision, on_batch=on_batch)
 
     def warnings(self) -> list[str]:
         return list(self._warnings)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..calibration import calibrate, content_free_fields
 from ..config import RunConfig, StrictModel
 from ..models import LoadedModel
 from ..prompts import Pattern, VerbalizerTokens
@@ -49,6 +50,10 @@ class RunContext:
     def queries(self, examples: Sequence[Example]) -> list[str]:
         return [self.pattern.query(e.fields) for e in examples]
 
+    def content_free_queries(self) -> list[str]:
+        """The pattern's query with every text field content-free (contextual calibration)."""
+        return [self.pattern.query(f) for f in content_free_fields(self.pattern.fields())]
+
 
 @dataclass
 class Predictions:
@@ -61,6 +66,7 @@ class Predictions:
     full_argmax_token: np.ndarray | None = None  # LM-head methods only
     outside_verbalizer: np.ndarray | None = None  # LM-head methods only
     tie: np.ndarray | None = None  # [N] bool: the best label score was shared exactly
+    calibration: dict | None = None  # what calibration estimated (``fewtune.calibration``), if any
 
     @classmethod
     def from_scores(cls, scores: Scores, verbalizer_ids: Sequence[int]) -> Predictions:
@@ -68,6 +74,15 @@ class Predictions:
         pred, tie = argmax_breaking_ties(scores.label_logprobs, scores.skipped)
         return cls(scores.label_logprobs, pred, scores.skipped, scores.tokens_scored,
                    scores.full_argmax, outside & ~scores.skipped, tie)
+
+    def calibrated(self, mode: str, content_free: Callable[[], np.ndarray] | None = None) -> Predictions:
+        """These predictions with the label scores calibrated (``mode`` none: unchanged).
+        ``content_free`` returns the label log-probs of the content-free inputs (contextual)."""
+        cal = calibrate(mode, self.label_scores, self.skipped, content_free)
+        if cal is None:
+            return self
+        pred, tie = argmax_breaking_ties(cal.label_scores, self.skipped)
+        return replace(self, label_scores=cal.label_scores, pred=pred, tie=tie, calibration=cal.record)
 
     def keyed(self, keys: Sequence[str]) -> Predictions:
         """The same scores with ties broken by a coin seeded by each example's id (stable under

@@ -3,7 +3,8 @@
 Demonstrations come from the run's few-shot sample (so ICL sees exactly the labelled examples the
 fine-tuning methods see), balanced across labels and ordered by the data seed, joined with the
 task's separator (llmft: " " for CoLA, "\\n\\n" for MNLI). An eval example whose prompt exceeds the
-context is skipped and counted, never truncated. No calibration (as llmft).
+context is skipped and counted, never truncated. No calibration by default (as llmft);
+``params.calibration`` applies contextual or batch calibration (``fewtune.calibration``).
 
 All queries of a run share the same demonstrations, so by default they are scored on top of one
 KV cache of the demonstrations (``scoring``'s prefix cache): only the query tokens run through
@@ -17,14 +18,19 @@ from collections.abc import Callable
 
 from pydantic import Field
 
+from ..calibration import CALIBRATION_HELP, Calibration
 from ..config import StrictModel
 from ..sampling import balanced_demonstrations
-from ..scoring import score_prompts
+from ..scoring import Scores, score_prompts
 from ..tasks.base import Example
 from .base import Method, Predictions, register
 
 
-class ICLParams(StrictModel):
+class ZeroShotParams(StrictModel):
+    calibration: Calibration = Field("none", description=CALIBRATION_HELP)
+
+
+class ICLParams(ZeroShotParams):
     k: int | None = Field(None, ge=1, description="demonstrations (balanced); default: the whole few-shot sample")
     prefix_cache: bool = Field(True, description="encode the shared demonstrations once (KV cache)")
 
@@ -33,16 +39,18 @@ class ICLParams(StrictModel):
 class ZeroShot(Method):
     name = "zero-shot"
     summary = "the pattern alone, no demonstrations, no training"
+    Params = ZeroShotParams
     trains = False
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
+        preds = Predictions.from_scores(self._score(self.ctx.queries(examples), on_batch), self.ctx.verbalizer.token_ids)
+        return preds.calibrated(self.params.calibration, lambda: self._score(self.ctx.content_free_queries()).label_logprobs)
+
+    def _score(self, queries: list[str], on_batch: Callable[[int], None] | None = None) -> Scores:
         ctx = self.ctx
-        scores = score_prompts(
-            ctx.lm.model, ctx.lm.tokenizer, ctx.queries(examples), ctx.verbalizer.token_ids,
-            batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
-            precision=ctx.precision, on_batch=on_batch,
-        )
-        return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
+        return score_prompts(ctx.lm.model, ctx.lm.tokenizer, queries, ctx.verbalizer.token_ids,
+                             batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
+                             precision=ctx.precision, on_batch=on_batch)
 
 
 def demonstration_prefix(ctx, demos: list[Example]) -> str:
@@ -74,8 +82,15 @@ class ICL(Method):
         return demonstration_prefix(ctx, self.demos), [ctx.task.icl_separator + q for q in ctx.queries(examples)]
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
-        ctx = self.ctx
         prefix, queries = self.prompts(examples)
+        preds = Predictions.from_scores(self._score(prefix, queries, on_batch), self.ctx.verbalizer.token_ids)
+        # Content-free inputs read the same demonstrations: the bias is that of this very prompt.
+        sep = self.ctx.task.icl_separator
+        return preds.calibrated(self.params.calibration, lambda: self._score(
+            prefix, [sep + q for q in self.ctx.content_free_queries()]).label_logprobs)
+
+    def _score(self, prefix: str, queries: list[str], on_batch: Callable[[int], None] | None = None) -> Scores:
+        ctx = self.ctx
         scores = score_prompts(
             ctx.lm.model, ctx.lm.tokenizer, queries, ctx.verbalizer.token_ids,
             prefix=prefix, batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
@@ -85,7 +100,7 @@ class ICL(Method):
         self.scoring_paths.add(scores.path)
         if scores.note and scores.note not in self.scoring_notes:
             self.scoring_notes.append(scores.note)
-        return Predictions.from_scores(scores, ctx.verbalizer.token_ids)
+        return scores
 
     def describe(self) -> dict:
         return {"demonstration_ids": [e.id for e in self.demos], "scoring": sorted(self.scoring_paths)}
