@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .registry import unknown_hint
@@ -78,6 +78,28 @@ class TrainConfig(StrictModel):
     eval_every_epoch: bool = False
 
 
+class Selection(StrictModel):
+    """Candidate values chosen per run by k-fold cross-validation *within the few-shot sample*
+    (true few-shot model selection, Perez et al. 2021): the eval sets are never looked at.
+
+    Written ``select: {train.lr: [1e-5, 1e-4]}`` (the candidates alone) or in full,
+    ``select: {candidates: {train.lr: [...]}, folds: 4, metric: accuracy}``. A study does not
+    sweep the candidates into separate runs (``sweeps = False``): they are one run's choice."""
+
+    sweeps: ClassVar[bool] = False
+    candidates: dict[str, list[Any]] = Field(description="dotted train./params. keys → values to try, in order")
+    folds: int = Field(4, ge=2, description="k of the stratified k-fold split of the few-shot sample "
+                                            "(fewer when a class has fewer examples; at least 2)")
+    metric: Literal["accuracy", "mcc"] = "accuracy"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_candidates(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "candidates" not in data:
+            return {"candidates": data}
+        return data
+
+
 class RunIdentity(StrictModel):
     """What the result depends on besides the config (see ``fewtune.identity``): filled in by
     ``resolve``, hashed with the config, stored in ``config.yaml``. Never set it by hand —
@@ -110,6 +132,7 @@ class RunConfig(StrictModel):
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     train: TrainConfig = Field(default_factory=TrainConfig)
+    select: Selection | None = Field(None, description="choose train./params. values by k-fold CV on the few-shot sample")
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
 
     def content_hash(self) -> str:

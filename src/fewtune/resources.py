@@ -153,6 +153,8 @@ class ResourceMeter:
             "train_seconds": round(self.timings.get("train", 0.0), 3),
             "eval_seconds": round(self.timings.get("eval", 0.0), 3),
             "prepare_seconds": round(self.timings.get("prepare", 0.0), 3),
+            # k-fold selection of hyper-parameters on the few-shot sample (``select:``), if any
+            "select_seconds": round(self.timings.get("select", 0.0), 3),
             "train_tokens_per_s": rate("train"),
             "eval_tokens_per_s": rate("eval"),
             "optimizer_steps": optimizer_steps,

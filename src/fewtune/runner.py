@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from .models import device, load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
+from .selection import check_selection, select_values, with_values
 from .sampling import few_shot_sample, stratified_subsample
 from .tasks import get_task, load_eval, load_train
 from .tasks.base import Example, Task
@@ -86,6 +88,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     run, finished, nothing is run and its metrics are returned with ``reused=True``.
     """
     cfg = resolve(cfg)
+    check_selection(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
     if out_dir is not None:
         done = check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite)
@@ -101,18 +104,15 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         pool = load_train(task, data_dir)
         sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
         evals = load_eval_sets(task, cfg, data_dir)
-        torch.manual_seed(cfg.model_seed)
-        lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
-        verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
-        precision = resolve_precision(cfg.precision, dev)
-        # The methods see the context clipped to the model's window; config.yaml keeps the value
-        # as requested (it is what the run id hashes) and metrics.json records the effective one.
-        run_cfg = _clip_context(cfg, lm.max_positions)
-
-    ctx = RunContext(run_cfg, task, pattern, lm, verbalizer, precision, dev, meter, train_pool=pool,
-                     data_dir=data_dir, progress=progress)
-    method_cls = METHODS.get(cfg.method)
-    method = method_cls(ctx, method_cls.Params.model_validate(cfg.params))
+    fit_cfg, selection = cfg, None
+    if cfg.select is not None:
+        with meter.phase("select"):  # on the few-shot sample only: the eval sets are not touched
+            build = lambda c: _make_method(c, task, pattern, dev, meter, pool, data_dir)  # noqa: E731
+            chosen, selection = select_values(cfg, sample.examples, lambda c, tr, ho: _fold_score(build, cfg.select.metric, c, tr, ho))
+        fit_cfg = with_values(cfg, chosen)
+    with meter.phase("prepare"):
+        method = _make_method(fit_cfg, task, pattern, dev, meter, pool, data_dir, progress)
+    ctx, lm, verbalizer, precision, run_cfg = method.ctx, method.ctx.lm, method.ctx.verbalizer, method.ctx.precision, method.ctx.cfg
     ctx.evaluate = lambda: _curve_point(method, evals, task)
 
     torch.manual_seed(cfg.model_seed)
@@ -155,6 +155,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "notes": list(task.notes),
         "warnings": list(method.warnings()),
         "collapsed": loss_collapse((train_summary or {}).get("final_loss"), (train_summary or {}).get("chance_loss")),
+        "selection": selection,
         "started_at": started,
         "wall_seconds": round(time.time() - started, 3),
     }
@@ -180,6 +181,36 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     if out_dir is not None:
         write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
     return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
+                 data_dir: Path | None, progress=None) -> Method:
+    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``."""
+    torch.manual_seed(cfg.model_seed)
+    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
+    verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
+    precision = resolve_precision(cfg.precision, dev)
+    # The methods see the context clipped to the model's window; config.yaml keeps the value as
+    # requested (it is what the run id hashes) and metrics.json records the effective one.
+    ctx = RunContext(_clip_context(cfg, lm.max_positions), task, pattern, lm, verbalizer, precision, dev, meter,
+                     train_pool=pool, data_dir=data_dir, progress=progress)
+    method_cls = METHODS.get(cfg.method)
+    return method_cls(ctx, method_cls.Params.model_validate(cfg.params))
+
+
+def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
+                held_out: list[Example]) -> float:
+    """One cross-validation trial: a fresh model trained on ``train_part``, scored on ``held_out``
+    with the selection metric (no learning curve: it would read the eval sets)."""
+    trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every_epoch": False})})
+    method = build(trial)
+    torch.manual_seed(cfg.model_seed)
+    method.fit(train_part)
+    p = method.predict(held_out).keyed([e.id for e in held_out])
+    gold, keep = np.array([e.label for e in held_out]), ~p.skipped
+    if metric == "mcc":  # undefined (NaN) on a single-class fold: count it as no correlation
+        return float(np.nan_to_num(mcc(gold[keep], p.pred[keep], method.ctx.task.num_labels), nan=0.0))
+    return accuracy(gold[keep], p.pred[keep])
 
 
 def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool = False) -> dict | None:

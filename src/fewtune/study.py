@@ -282,7 +282,10 @@ def _alternatives(value: Any, ann: Any, sub: type[BaseModel] | None = None) -> l
     """All concrete values a (possibly swept) value stands for.
 
     A list sweeps its elements unless the field is list-typed; then only a list of lists sweeps.
-    A mapping (``train``, ``params``) is expanded key by key (cartesian product)."""
+    A mapping (``train``, ``params``) is expanded key by key (cartesian product), unless its model
+    says it does not sweep (``select``: its lists are one run's candidates)."""
+    if sub is not None and not getattr(sub, "sweeps", True):
+        return [value]
     if isinstance(value, dict):
         keys = list(value)
         alts = [_alternatives(value[k], _field_ann(sub, k), _submodel(_field_ann(sub, k))) for k in keys]
@@ -299,7 +302,11 @@ def _alternatives(value: Any, ann: Any, sub: type[BaseModel] | None = None) -> l
 
 
 def _submodel(ann: Any) -> type[BaseModel] | None:
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    """The config model behind an annotation (``Selection | None`` → ``Selection``)."""
+    for a in (ann, *typing.get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
 
 
 def _params_model(method: str) -> type[BaseModel]:
@@ -429,6 +436,8 @@ def _field_types(key: str, params_model: type[BaseModel]) -> tuple[Any, type[Bas
 
 def _count(value: Any, ann: Any, sub: type[BaseModel] | None = None) -> int:
     """``len(_alternatives(value, ann, sub))`` without building the alternatives."""
+    if sub is not None and not getattr(sub, "sweeps", True):
+        return 1
     if isinstance(value, dict):
         return math.prod(_count(v, _field_ann(sub, k), _submodel(_field_ann(sub, k))) for k, v in value.items())
     if isinstance(value, list):

@@ -1,0 +1,126 @@
+"""k-fold selection inside the few-shot sample: the split, the choice, that the chosen values are
+the ones trained, that the eval sets are never read, and the study/CLI surface."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fewtune.config import RunConfig
+from fewtune.errors import ConfigError
+from fewtune.selection import candidate_grid, folds, select_values
+from fewtune.tasks.base import Example
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sample(per_class: int, labels: int = 2) -> list[Example]:
+    return [Example(id=f"{c}-{i}", fields={"sentence": f"s{c}{i}"}, label=c) for c in range(labels) for i in range(per_class)]
+
+
+def test_folds_are_stratified_disjoint_cover_the_sample_and_follow_the_seed():
+    sample = _sample(8)
+    splits = folds(sample, 4, seed=3)
+    assert len(splits) == 4
+    held = [e.id for _, ho in splits for e in ho]
+    assert sorted(held) == sorted(e.id for e in sample)  # every example held out exactly once
+    for train, ho in splits:
+        assert sorted(e.label for e in ho) == [0, 0, 1, 1]  # each fold holds out the classes equally
+        assert not {e.id for e in train} & {e.id for e in ho}
+    assert [[e.id for e in ho] for _, ho in folds(sample, 4, seed=3)] == [[e.id for e in ho] for _, ho in splits]
+    assert [[e.id for e in ho] for _, ho in folds(sample, 4, seed=4)] != [[e.id for e in ho] for _, ho in splits]
+
+
+def test_folds_shrink_to_the_smallest_class_and_need_two():
+    assert len(folds(_sample(2), 4, seed=0)) == 2
+    with pytest.raises(ConfigError):
+        folds(_sample(1), 4, seed=0)
+
+
+def _cfg(select) -> RunConfig:
+    return RunConfig(method="lora", task="cola", n=8, select=select)
+
+
+def test_the_best_mean_wins_and_the_first_listed_wins_a_tie():
+    cfg = _cfg({"train.lr": [1e-5, 1e-3, 1e-4], "params.r": [2, 4]})
+    assert [tuple(v.values()) for v in candidate_grid(cfg)][:2] == [(1e-5, 2), (1e-5, 4)]
+    score = {1e-5: 0.5, 1e-3: 0.8, 1e-4: 0.8}
+    seen = []
+
+    def scorer(trial, train, held_out):
+        seen.append((trial.train.lr, trial.params["r"], len(train), len(held_out)))
+        return score[trial.train.lr] + (0.01 if trial.params["r"] == 4 else 0)
+
+    chosen, record = select_values(cfg, _sample(8), scorer)
+    assert chosen == {"train.lr": 1e-3, "params.r": 4}  # 1e-4 ties with 1e-3 but is listed later
+    assert record["k"] == 4 and len(record["candidates"]) == 6 and len(seen) == 24
+    assert all(t == 12 and h == 4 for *_, t, h in seen)
+    assert record["candidates"][0]["cv_score"] == pytest.approx(0.5)
+
+
+def test_a_diverging_candidate_is_not_chosen():
+    from fewtune.errors import TrainingDiverged
+
+    def scorer(trial, train, held_out):
+        if trial.train.lr == 1e-3:
+            raise TrainingDiverged("nan", None)
+        return 0.1
+
+    chosen, record = select_values(_cfg({"train.lr": [1e-3, 1e-5]}), _sample(4), scorer)
+    assert chosen == {"train.lr": 1e-5}
+    assert record["candidates"][0]["diverged_folds"] == 4 and record["candidates"][0]["cv_score"] is None
+
+
+def test_a_run_selects_on_its_sample_only_and_trains_with_the_choice(monkeypatch, tmp_path, data_dir):
+    from fewtune import runner
+
+    calls = []
+    real = runner._fold_score
+
+    def spy(build, metric, cfg, train, held_out):
+        calls.append((cfg.train.lr, {e.id for e in train} | {e.id for e in held_out}))
+        return real(build, metric, cfg, train, held_out) + (1.0 if cfg.train.lr == 3e-3 else 0.0)
+
+    monkeypatch.setattr(runner, "_fold_score", spy)
+    built = []
+    make = runner._make_method
+    monkeypatch.setattr(runner, "_make_method", lambda c, *a, **k: built.append(c.train.lr) or make(c, *a, **k))
+    cfg = RunConfig(model="tiny-random", task="cola", method="vanilla", n=4, eval_limit=16, eval_sets=["cola-id"],
+                    train={"max_steps": 2, "batch_size": 4}, select={"candidates": {"train.lr": [1e-5, 3e-3]}, "folds": 2})
+    metrics = runner.run_experiment(cfg, tmp_path / "run", data_dir=data_dir).metrics
+    sample_ids = set(json.loads((tmp_path / "run" / "sample.json").read_text())["ids"])
+    assert len(calls) == 4 and all(ids <= sample_ids for _, ids in calls)  # never an eval example
+    assert metrics["selection"]["chosen"] == {"train.lr": 3e-3}
+    assert built[-1] == 3e-3 and len(built) == 5  # 2 candidates × 2 folds, then the final model with the choice
+    assert metrics["resources"]["select_seconds"] > 0
+
+
+def test_a_study_does_not_sweep_the_candidates(tmp_path):
+    from fewtune.study import count_runs, expand, load_study
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nmodel: tiny-random\nn: 4\nseed: [0, 1]\ntasks: [cola]\n"
+                    "methods:\n  - icl\n  - {method: lora, params: {r: [2, 4]}, select: {train.lr: [1.0e-5, 1.0e-3]}}\n")
+    study = load_study(spec)
+    planned = expand(study)
+    assert count_runs(study) == len(planned) == 2 + 4
+    lora = [p.config for p in planned if p.config.method == "lora"]
+    assert all(c.select.candidates == {"train.lr": [1e-5, 1e-3]} for c in lora)
+    assert load_study("paper-tuned") and count_runs(load_study("paper-tuned")) == 960
+
+
+@pytest.mark.parametrize("select, needle", [
+    ("{n: [2, 4]}", "cannot be selected"),
+    ("{params.r: [-1, 4]}", "candidate"),
+    ("{train.lr: []}", "no candidate values"),
+])
+def test_bad_selection_is_a_usage_error_before_any_work(tmp_path, select, needle):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fewtune", "run", "--model", "tiny-random", "--method", "lora",
+                           "--out", str(out), "--set", f"select={select}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
