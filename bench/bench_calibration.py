@@ -72,7 +72,10 @@ def main() -> None:
             f"{args.seeds} data seed(s) for ICL (zero-shot has none); {t():.0f} s in all.\n\n"
             + md_table(["method", "calibration", "eval set", "accuracy", "MCC", "majority", "predicted acceptable",
                         "bias (acceptable)"], table)
-            + "\n\n" + machine_lines(load_before, load_average()))
+            + "\n\nReading: calibration moves the *prediction distribution* (the \"predicted acceptable\" column) "
+            "and accuracy with it; MCC, the ability to tell the classes apart, is what it cannot create. "
+            "Compare accuracy against the majority baseline and MCC against 0.\n\n"
+            + machine_lines(load_before, load_average()))
     write_section("calibration", "7. Calibration of zero-shot and ICL (CoLA)", body)
     print(body)
 
