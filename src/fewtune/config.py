@@ -147,6 +147,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     identity block (what else the result depends on: code version, task/model digests, device)."""
     from .identity import compute_identity
     from .methods import METHODS
+    from .selection import check_selection
     from .tasks import get_task
 
     task = get_task(cfg.task)
@@ -157,4 +158,5 @@ def resolve(cfg: RunConfig) -> RunConfig:
         task.eval_split(name)
     params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
     out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
+    check_selection(out)  # candidates valid and selectable, before anything runs
     return out.model_copy(update={"identity": compute_identity(out)})

@@ -28,7 +28,7 @@ from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from .models import device, load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
-from .selection import check_selection, select_values, with_values
+from .selection import select_values, with_values
 from .sampling import few_shot_sample, stratified_subsample
 from .tasks import get_task, load_eval, load_train
 from .tasks.base import Example, Task
@@ -88,7 +88,6 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     run, finished, nothing is run and its metrics are returned with ``reused=True``.
     """
     cfg = resolve(cfg)
-    check_selection(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
     if out_dir is not None:
         done = check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite)
