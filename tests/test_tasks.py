@@ -458,7 +458,7 @@ def test_custom_task_pattern_validation(tmp_path: Path) -> None:
         load_custom_task(_yaml(tmp_path, body=good.replace("{text} ?", "{sentence} ?")))
     with pytest.raises(ConfigError, match=r"3 verbalizer words but the task has 2 labels"):
         load_custom_task(_yaml(tmp_path, body=good.replace('[" No", " Yes"]', '[" No", " Yes", " Maybe"]')))
-    with pytest.raises(ConfigError, match="exactly one of 'path' or 'hf_dataset'"):
+    with pytest.raises(ConfigError, match="exactly one of 'path', 'data_path' or 'hf_dataset'"):
         load_custom_task(_yaml(tmp_path, body=good.replace("train: {path: t.csv}", "train: {sha256: null}")))
 
 
