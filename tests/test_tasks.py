@@ -307,6 +307,8 @@ def test_download_gzip_and_zip_members(server, tmp_path: Path, _isolated_cache: 
     assert g.read_bytes() == payload and z.read_bytes() == payload
     with pytest.raises(DataError, match="no member 'pkg/raw/nope.tsv'"):
         files.fetch(DataFile("n.tsv", url=f"{url}/a.zip", unpack="zip:pkg/raw/nope.tsv"), None, timeout=5)
+    with pytest.raises(DataError, match="no member 'pkg/raw/x'"):  # a prefix of a member is not that member
+        files.fetch(DataFile("p.tsv", url=f"{url}/a.zip", unpack="zip:pkg/raw/x"), None, timeout=5)
     assert _cache_files(_isolated_cache) == ["g.txt", "z.tsv"]
 
 
