@@ -316,11 +316,3 @@ def read_tsv(path: Path, *, header: bool, ncols: int | None = None, label: str |
         raise DataError(f"{name}: the file is empty (expected a header row)", "restore the original file")
     return cols, rows
 
-
-def column_index(header: list[str], column: str, name: str) -> int:
-    """Position of ``column`` in ``header``, or a DataError listing the columns there are."""
-    try:
-        return header.index(column)
-    except ValueError:
-        raise DataError(f"{name}: no column '{column}' in the header (columns: {', '.join(header)})",
-                        "check the file's header row or the task's field names") from None
