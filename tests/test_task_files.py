@@ -105,12 +105,12 @@ def test_missing_column_names_file_columns_and_closest(tmp_path: Path, data_dir:
     with pytest.raises(DataError) as err:
         load_eval(task, "hans-gz")
     text = str(err.value)
-    assert "hans_style.tsv.gz" in text and "no column 'sentence_2'" in text and "text field 'hypothesis'" in text
-    assert "columns: sentence1, sentence2, gold_label, pairID, heuristic" in text and "closest: 'sentence2'" in text
+    assert "hans_style.tsv.gz" in text and "no field 'sentence_2'" in text and "text field 'hypothesis'" in text
+    assert "fields: sentence1, sentence2, gold_label, pairID, heuristic" in text and "closest: 'sentence2'" in text
     assert "fields: {hypothesis: sentence2}" in text  # the hint says how to map it
     res = _fewtune("run", "--model", "tiny-random", "--n", "2", "--task", str(tmp_path / "nli_ood.yaml"), "--method", "zero-shot",
                    "--eval-sets", "hans-gz", "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path)
-    assert res.returncode == 2 and "no column 'sentence_2'" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "no field 'sentence_2'" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_fields_keys_are_checked(tmp_path: Path, data_dir: Path) -> None:

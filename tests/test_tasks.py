@@ -232,7 +232,7 @@ def test_cola_file_without_trailing_newline(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text,match", [
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tmaybe\n", r"line 2: unknown label 'maybe'"),
-    ("pairID\tpremise\thypothesis\tgold\n1e\tA.\tB.\tentailment\n", r"no column 'label'"),
+    ("pairID\tpremise\thypothesis\tgold\n1e\tA.\tB.\tentailment\n", r"no field 'label' \(fields: pairID, premise, hypothesis, gold\); it is the task's label"),
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tentailment\n2e\tA.\tentailment\n", r"line 3: expected 4"),
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tentailment\n1e\tC.\tD.\tcontradiction\n", r"duplicate example id"),
 ])

@@ -170,19 +170,20 @@ class _Columns:
         return roles
 
 
-def _missing_column(name: str, have: list[str], col: str, role: str, needed: dict[str, str], what: str) -> DataError:
+def _missing_column(name: str, have: list[str], col: str, role: str, needed: dict[str, str]) -> DataError:
     """A missing column: the file, the columns it has and the closest one (never row contents)."""
     if not set(have) & set(needed):  # maybe no header at all: its first line is content, not names
         found = f"the first line has {len(have)} column(s) and none of {', '.join(needed)}: is it a header row?"
-        hint = "give the file a header row, or name its columns with columns: [...] on its spec"
-    else:
-        shown = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in have[:20]) + (" ..." if len(have) > 20 else "")
-        guess = closest(col, have)
-        found = f"columns: {shown}" + (f"; closest: '{guess}'" if guess else "")
-        key = "label" if role == "label" else "id" if role == "id" else role.split("'")[1] if "'" in role else col
-        hint = (f"map it on this file's spec with fields: {{{key}: {guess or '<column>'}}}, "
-                "or check the task's label_field/text_fields/id_field")
-    return DataError(f"{name}: no {what} '{col}' for the task's {role} ({found})", hint)
+        return DataError(f"{name}: no field '{col}' ({found})",
+                         "give the file a header row, or name its columns with columns: [...] on its spec")
+    shown = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in have[:20]) + (" ..." if len(have) > 20 else "")
+    guess = closest(col, have)
+    key = {"label": "label", "id": "id"}.get(role) or (role.split("'")[1] if "'" in role else col)
+    return DataError(
+        f"{name}: no field '{col}' (fields: {shown})" + (f"; closest: '{guess}'" if guess else "") + f"; it is the task's {role}",
+        f"map it on this file's spec with fields: {{{key}: {guess or '<column>'}}}, or check the task's "
+        "label_field/text_fields/id_field",
+    )
 
 
 def _label_of(raw: object, label_map: dict[str, str | None] | None, names: list[str], where: str) -> int | None:
@@ -239,14 +240,14 @@ def _make_loader(spec: TaskSpec, fs: FileSpec, split: str) -> Callable[[Path], l
         needed = cols.needed()
         for c, role in needed.items():
             if header is not None and c not in header:
-                raise _missing_column(name, header, c, role, needed, "column")
+                raise _missing_column(name, header, c, role, needed)
         out: list[Example] = []
         seen: set[str] = set()
         for idx, (line, row) in enumerate(rows):
             where = f"{name}, line {line}" if fs.hf_dataset is None else f"{name}, row {line}"
             for c, role in needed.items():
                 if c not in row:  # only rows without a header (JSONL, hub) get here
-                    raise _missing_column(where, [str(k) for k in row], c, role, needed, "field")
+                    raise _missing_column(where, [str(k) for k in row], c, role, needed)
             label = _label_of(row[cols.label], label_map, spec.label_names, where)
             if label is None or any(str(row[c]) != v for c, v in cols.filter.items()):
                 continue
