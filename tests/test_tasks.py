@@ -232,7 +232,7 @@ def test_cola_file_without_trailing_newline(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text,match", [
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tmaybe\n", r"line 2: unknown label 'maybe'"),
-    ("pairID\tpremise\thypothesis\tgold\n1e\tA.\tB.\tentailment\n", r"no column 'label'"),
+    ("pairID\tpremise\thypothesis\tgold\n1e\tA.\tB.\tentailment\n", r"no field 'label' \(fields: pairID, premise, hypothesis, gold\); it is the task's label"),
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tentailment\n2e\tA.\tentailment\n", r"line 3: expected 4"),
     ("pairID\tpremise\thypothesis\tlabel\n1e\tA.\tB.\tentailment\n1e\tC.\tD.\tcontradiction\n", r"duplicate example id"),
 ])
@@ -307,6 +307,8 @@ def test_download_gzip_and_zip_members(server, tmp_path: Path, _isolated_cache: 
     assert g.read_bytes() == payload and z.read_bytes() == payload
     with pytest.raises(DataError, match="no member 'pkg/raw/nope.tsv'"):
         files.fetch(DataFile("n.tsv", url=f"{url}/a.zip", unpack="zip:pkg/raw/nope.tsv"), None, timeout=5)
+    with pytest.raises(DataError, match="no member 'pkg/raw/x'"):  # a prefix of a member is not that member
+        files.fetch(DataFile("p.tsv", url=f"{url}/a.zip", unpack="zip:pkg/raw/x"), None, timeout=5)
     assert _cache_files(_isolated_cache) == ["g.txt", "z.tsv"]
 
 
@@ -458,7 +460,7 @@ def test_custom_task_pattern_validation(tmp_path: Path) -> None:
         load_custom_task(_yaml(tmp_path, body=good.replace("{text} ?", "{sentence} ?")))
     with pytest.raises(ConfigError, match=r"3 verbalizer words but the task has 2 labels"):
         load_custom_task(_yaml(tmp_path, body=good.replace('[" No", " Yes"]', '[" No", " Yes", " Maybe"]')))
-    with pytest.raises(ConfigError, match="exactly one of 'path' or 'hf_dataset'"):
+    with pytest.raises(ConfigError, match="exactly one of 'path', 'data_path' or 'hf_dataset'"):
         load_custom_task(_yaml(tmp_path, body=good.replace("train: {path: t.csv}", "train: {sha256: null}")))
 
 

@@ -94,10 +94,20 @@ def print_summary(metrics: dict) -> None:
 
 
 @app.command()
-def tasks(data_dir: Optional[Path] = typer.Option(None, envvar="FEWTUNE_DATA_DIR")) -> None:
-    """List tasks, their eval sets and patterns."""
-    from .tasks import TASKS
+def tasks(
+    data_dir: Optional[Path] = typer.Option(None, envvar="FEWTUNE_DATA_DIR"),
+    show: Optional[str] = typer.Option(None, "--show", metavar="TASK",
+                                       help="print a task's YAML (a built-in name or a task file), a template to copy"),
+) -> None:
+    """List tasks, their eval sets and patterns; or print one task's YAML with --show."""
+    from .tasks import TASKS, get_task
 
+    if show is not None:
+        source = get_task(show).source_file
+        if source is None:  # a task registered from Python, not from a file
+            raise FewtuneError(f"task '{show}' is not defined by a YAML file", "only YAML tasks can be shown")
+        sys.stdout.write(Path(source).read_text(encoding="utf-8"))  # plain text: a file to redirect, no markup
+        return
     table = Table(title="tasks")
     for col in ("task", "labels", "eval sets (default marked *)", "patterns", "notes"):
         table.add_column(col)
@@ -106,6 +116,7 @@ def tasks(data_dir: Optional[Path] = typer.Option(None, envvar="FEWTUNE_DATA_DIR
         sets = ", ".join(f"{s}{'*' if s in t.default_eval_sets else ''}{' (ID)' if s in t.in_domain else ''}" for s in t.eval_sets)
         table.add_row(*(escape(x) for x in (name, " / ".join(t.label_names), sets, ", ".join(t.patterns), " ".join(t.notes))))
     console.print(table)
+    console.print("Copy a task as a template for your own: fewtune tasks --show cola > my_task.yaml")
 
 
 @app.command()

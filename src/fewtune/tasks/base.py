@@ -73,6 +73,7 @@ class Task:
     notes: tuple[str, ...] = ()
     # Metrics the report tables show for this task (keys of an eval set's metrics).
     report_metrics: tuple[str, ...] = ("accuracy",)
+    source_file: str | None = None  # the YAML that defines the task (`fewtune tasks --show`)
 
     @property
     def num_labels(self) -> int:

@@ -6,8 +6,9 @@ Where data comes from, in order:
    environment variable, else ``../shared/data`` relative to the current working directory if it
    exists (the layout of the project's development machine), else none;
 2. the download cache: ``FEWTUNE_CACHE_DIR``, else ``~/.cache/fewtune/data``;
-3. the file's official URL, downloaded into the cache (to a temporary file, verified, then
-   atomically renamed, so a failed or corrupt download never leaves a file behind).
+3. the file's official URL, downloaded into the cache with ``pooch`` (its downloader, known-hash
+   check and Unzip/Decompress processors) into a temporary directory, verified, then atomically
+   renamed, so a failed or corrupt download never leaves a file behind.
 
 Every file is verified by sha256 before use, because a silently truncated or edited eval set
 would change every reported number. Verification results are memoised in-process, keyed on
@@ -27,10 +28,7 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -205,7 +203,8 @@ def fetch(datafile: DataFile, data_dir: str | os.PathLike[str] | None = None, *,
 
 
 def download(datafile: DataFile, dest_root: Path, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download ``datafile.url`` into ``dest_root``, unpack, verify, and atomically move into place."""
+    """Download ``datafile.url`` into ``dest_root`` with pooch, unpack, verify, and atomically move
+    into place; on any failure nothing is left behind (no file, no temporary, no empty directory)."""
     assert datafile.url is not None
     target = dest_root / datafile.relpath
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
@@ -215,7 +214,15 @@ def download(datafile: DataFile, dest_root: Path, *, timeout: float = DOWNLOAD_T
         raise DataError(f"cannot create the download cache directory '{target.parent}' ({e})",
                         f"set ${CACHE_DIR_ENV} to a writable directory") from None
     try:
-        return _download_into(datafile, dest_root, target, timeout)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download-") as tmp:
+            got = _retrieve(datafile, Path(tmp), timeout)
+            if _plain_relpath(datafile) and datafile.unpack is None and not is_gzip(got):
+                target = dest_root / _plain_relpath(datafile)  # type: ignore[operator]  # served plain, stored plain
+            problem = _check(got, datafile)
+            if problem is not None:
+                raise _corrupt_download(datafile, problem)
+            os.replace(got, target)
+            return target
     except BaseException:
         for d in created:  # deepest first: leave no empty directories behind a failed download
             try:
@@ -225,53 +232,51 @@ def download(datafile: DataFile, dest_root: Path, *, timeout: float = DOWNLOAD_T
         raise
 
 
-def _download_into(datafile: DataFile, dest_root: Path, target: Path, timeout: float) -> Path:
-    assert datafile.url is not None
-    fd, raw_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".download")
-    raw = Path(raw_name)
-    out = raw.with_suffix(".unpacked")
+def _corrupt_download(datafile: DataFile, problem: str) -> DataError:
+    return DataError(
+        f"data file '{datafile.relpath}' downloaded from {datafile.url} is corrupt or a different version: {problem}",
+        f"nothing was saved; retry later, or obtain the file yourself and put it at <data dir>/{datafile.relpath}",
+    )
+
+
+def _retrieve(datafile: DataFile, tmp: Path, timeout: float) -> Path:
+    """``pooch.retrieve`` into ``tmp``: the download, checked against the known hash when the URL
+    serves the file itself, unpacked by pooch's Unzip/Decompress processors when it does not (the
+    member is then verified by ``_check``, since only the member's checksum is known)."""
+    import pooch
+    import requests
+
+    pooch.get_logger().setLevel("WARNING")  # no "Downloading ..."/hash notes on stderr
+    unpack, processor = datafile.unpack, None
+    if unpack == "gzip":
+        processor = pooch.Decompress(method="gzip", name="unpacked")
+    elif unpack is not None and unpack.startswith("zip:"):
+        processor = pooch.Unzip(members=[unpack[len("zip:"):]], extract_dir="unpacked")
+    elif unpack is not None:
+        raise DataError(f"unknown unpack method '{unpack}' for {datafile.relpath}", "use None, 'gzip' or 'zip:<member>'")
+    # Known hash of what the URL serves: only a plain, uncompressed-only file's own sha256.
+    known = f"sha256:{datafile.sha256}" if unpack is None and datafile.sha256 and not datafile.content_sha256 else None
+    downloader = pooch.HTTPDownloader(timeout=timeout, progressbar=False)
     try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(datafile.url, timeout=timeout) as resp:
-                shutil.copyfileobj(resp, f, _CHUNK)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        out = pooch.retrieve(datafile.url, known_hash=known, fname="download", path=tmp, processor=processor, downloader=downloader)
+    except requests.RequestException as e:
+        raise DownloadError(f"{type(e).__name__}: {e}") from None
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"the download is not a valid zip archive ({e})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DownloadError(f"cannot unpack the download ({type(e).__name__}: {e})") from None
+    except ValueError as e:  # pooch: the hash does not match (the download is already deleted)
+        if "hash" not in str(e):
             raise DownloadError(f"{type(e).__name__}: {e}") from None
-        unpack = datafile.unpack
-        if unpack is None:
-            final_src = raw
-            if _plain_relpath(datafile) and not is_gzip(raw):  # served plain, stored plain (see module doc)
-                target = dest_root / _plain_relpath(datafile)  # type: ignore[operator]
-        elif unpack == "gzip":
-            try:
-                with gzip.open(raw, "rb") as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-            except (OSError, EOFError) as e:
-                raise DownloadError(f"cannot gunzip the download ({e})") from None
-            final_src = out
-        elif unpack.startswith("zip:"):
-            member = unpack[len("zip:"):]
-            try:
-                with zipfile.ZipFile(raw) as zf, zf.open(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-            except KeyError:
-                raise DownloadError(f"the downloaded archive has no member '{member}'") from None
-            except zipfile.BadZipFile as e:
-                raise DownloadError(f"the download is not a valid zip archive ({e})") from None
-            final_src = out
-        else:
-            raise DataError(f"unknown unpack method '{unpack}' for {datafile.relpath}", "use None, 'gzip' or 'zip:<member>'")
-        problem = _check(final_src, datafile)
-        if problem is not None:
-            raise DataError(
-                f"data file '{datafile.relpath}' downloaded from {datafile.url} is corrupt or a different version: {problem}",
-                f"nothing was saved; retry later, or obtain the file yourself and put it at <data dir>/{datafile.relpath}",
-            )
-        os.replace(final_src, target)
-        return target
-    finally:
-        for p in (raw, out):
-            if p.exists():
-                p.unlink()
+        raise _corrupt_download(datafile, str(e).split(". Deleted")[0]) from None
+    if not isinstance(out, list):
+        return Path(out)
+    member = unpack[len("zip:"):]  # type: ignore[index]
+    # Unzip extracts every name that *starts with* the member (directories); take the exact one.
+    exact = [Path(p) for p in out if Path(p) == tmp / "unpacked" / member]
+    if not exact:
+        raise DownloadError(f"the downloaded archive has no member '{member}'")
+    return exact[0]
 
 
 Row = tuple[int, list[str]]  # (1-based line number in the file, columns)
@@ -311,11 +316,3 @@ def read_tsv(path: Path, *, header: bool, ncols: int | None = None, label: str |
         raise DataError(f"{name}: the file is empty (expected a header row)", "restore the original file")
     return cols, rows
 
-
-def column_index(header: list[str], column: str, name: str) -> int:
-    """Position of ``column`` in ``header``, or a DataError listing the columns there are."""
-    try:
-        return header.index(column)
-    except ValueError:
-        raise DataError(f"{name}: no column '{column}' in the header (columns: {', '.join(header)})",
-                        "check the file's header row or the task's field names") from None
