@@ -184,9 +184,14 @@ class TrainableMethod(Method):
     def adapt_model(self) -> None:
         """Freeze parameters / inject adapters into ``self.ctx.lm.model`` (default: train all)."""
 
+    def scoring_model(self) -> nn.Module:
+        """The causal LM that training and prediction run (default: ``ctx.lm.model``, adapted in
+        place). Prompt/prefix tuning return a view that injects their virtual tokens."""
+        return self.ctx.lm.model
+
     def build_net(self) -> nn.Module:
         """The module the loop trains: backbone + head of the chosen objective."""
-        model = self.ctx.lm.model
+        model = self.scoring_model()
         body, lm_head = backbone_and_head(model)
         if self.objective == "classifier":
             hidden = model.config.hidden_size
@@ -286,7 +291,7 @@ class TrainableMethod(Method):
                 raise RuntimeError("predict() before fit(): the classification head does not exist yet")
             return classify(self.net, ctx.lm.tokenizer, texts, num_labels=ctx.task.num_labels, batch_size=ctx.cfg.eval_batch_size,
                             max_context=ctx.cfg.max_context, precision=ctx.precision, device=ctx.device, on_batch=on_batch)
-        scores = score_prompts(ctx.lm.model, ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
+        scores = score_prompts(self.scoring_model(), ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
                                batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
                                precision=ctx.precision, on_batch=on_batch)
         return Predictions.from_scores(scores, ctx.verbalizer.token_ids)

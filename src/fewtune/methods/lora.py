@@ -39,6 +39,7 @@ class LoRAOptions(ObjectiveParams):
     alpha: float = Field(8, gt=0, description="lora_alpha; the update is scaled by alpha / r (study: 8)")
     dropout: float = Field(0.1, ge=0, lt=1, description="lora_dropout (study: 0.1)")
     target_modules: list[str] | None = Field(None, description="module names to adapt (default: peft's mapping, e.g. q_proj, v_proj)")
+    rslora: bool = Field(False, description="rank-stabilised LoRA (Kalajdzievski 2023): scale alpha/sqrt(r) instead of alpha/r")
     save_dir: str | None = Field(None, description="write the trained adapter (and head) here after training")
 
 
@@ -55,18 +56,18 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str] | None,
-               seed: int) -> nn.Module:
+               seed: int, **extra) -> nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapter's parameters train.
 
     The adapter's A matrices are drawn from the global torch RNG, seeded here by ``seed`` (the
     run's model seed), B starts at zero: the wrapped model initially computes exactly what the
-    base model does."""
+    base model does. ``extra``: further ``LoraConfig`` options (``use_rslora``, ``use_dora``)."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules or default_targets(model)
     torch.manual_seed(seed)
     try:
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **extra)
         return get_peft_model(model, cfg)
     except ValueError as e:
         raise ConfigError(f"cannot apply LoRA: {str(e).splitlines()[0]}", "check params.target_modules against the model's module names") from None
@@ -83,8 +84,13 @@ class LoRA(TrainableMethod):
         # peft injects the adapter layers into the base model in place, so everything that runs
         # ``ctx.lm.model`` (the backbone of our nets, ``score_prompts``) runs the adapted model.
         self.peft_model = apply_lora(self.ctx.lm.model, r=p.r, alpha=p.alpha, dropout=p.dropout,
-                                     target_modules=p.target_modules, seed=self.ctx.cfg.model_seed)
-        self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha)
+                                     target_modules=p.target_modules, seed=self.ctx.cfg.model_seed, **self.lora_options())
+        self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha,
+                          **self.lora_options())
+
+    def lora_options(self) -> dict:
+        """Extra ``LoraConfig`` options of this variant (DoRA adds ``use_dora``)."""
+        return {"use_rslora": self.params.rslora}
 
     def fit(self, sample):
         summary = super().fit(sample)
