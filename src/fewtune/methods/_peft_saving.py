@@ -1,7 +1,7 @@
-"""Saving after training, for the peft-based methods other than LoRA (which has its own).
+"""Saving after training, for the adapter methods other than LoRA (which has its own).
 
 One mixin so that each method file states only its adapter: ``fit`` trains (``TrainableMethod``),
-then, with ``params.save_dir``, writes the adapter and the head (``save``, default
+then, with ``params.save_dir``, writes the adapter and the head (``save``; BitFit overrides it; default
 ``lora.save_adapter``: peft's ``save_pretrained`` plus ``head.safetensors``/``head.json``).
 """
 

@@ -110,34 +110,44 @@ class LoRA(TrainableMethod):
 def save_adapter(peft_model: nn.Module, head: nn.Module | None, path: Path, head_kind: str | None) -> None:
     """The peft adapter (``adapter_config.json``, ``adapter_model.safetensors``) and, for the
     classifier objective, the head's weights and shape."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(path))
     if head is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        save_file(state, str(path / "head.safetensors"))
-        out = head.out
-        info = {"kind": head_kind, "hidden": out.in_features, "num_labels": out.out_features,
-                "dropout": float(getattr(getattr(head, "dropout", None), "p", 0.0))}
-        (path / "head.json").write_text(json.dumps(info))
+        save_head(head, path, head_kind)
+
+
+def save_head(head: nn.Module, path: Path, head_kind: str | None) -> None:
+    """``head.safetensors`` (weights) and ``head.json`` (kind and shape) in ``path``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path / "head.safetensors"))
+    out = head.out
+    info = {"kind": head_kind, "hidden": out.in_features, "num_labels": out.out_features,
+            "dropout": float(getattr(getattr(head, "dropout", None), "p", 0.0))}
+    (path / "head.json").write_text(json.dumps(info))
+
+
+def load_head(path: Path, device: torch.device) -> nn.Module | None:
+    """The head saved by ``save_head`` in ``path`` (eval mode), or None if there is none."""
+    from safetensors.torch import load_file
+
+    if not (path / "head.json").exists():
+        return None
+    info = json.loads((path / "head.json").read_text())
+    head = make_head(info["kind"], info["hidden"], info["num_labels"], seed=0, dropout=info["dropout"])
+    head.load_state_dict(load_file(str(path / "head.safetensors")))
+    return head.to(device).eval()
 
 
 def load_adapter(base_model: nn.Module, path: Path) -> tuple[nn.Module, nn.Module | None]:
     """Re-attach a saved adapter to a freshly loaded base model; returns (peft model, head or None)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise ConfigError(f"no LoRA adapter in {path}", "pass the directory given as params.save_dir")
+        raise ConfigError(f"no peft adapter in {path}", "pass the directory given as params.save_dir")
     model = PeftModel.from_pretrained(base_model, str(path))
     model.eval()
-    head = None
-    if (path / "head.json").exists():
-        info = json.loads((path / "head.json").read_text())
-        head = make_head(info["kind"], info["hidden"], info["num_labels"], seed=0, dropout=info["dropout"])
-        head.load_state_dict(load_file(str(path / "head.safetensors")))
-        head.to(next(base_model.parameters()).device).eval()
-    return model, head
+    return model, load_head(path, next(base_model.parameters()).device)
