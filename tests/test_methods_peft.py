@@ -196,3 +196,18 @@ def test_cli_lists_the_new_methods_with_their_parameters(tmp_path):
     for param in ("add_biases=True", "norms=False", "feedforward_modules", "init='text'", "projection=False", "rslora=False",
                   "num_virtual_tokens=20", "num_virtual_tokens=10"):
         assert param in text, param
+
+
+def test_beyond_preset_has_every_method_dry_runs_and_quick_stays_the_study(tmp_path, data_dir):
+    from fewtune.methods import METHODS
+    from fewtune.study import expand, load_study
+
+    planned = {p.config.method for p in expand(load_study("beyond"))}
+    assert planned == {m for m in METHODS.names() if not m.endswith("-released")}
+    assert not planned.isdisjoint({"bitfit", "ia3"}) and {"bitfit", "ia3", "dora", "prompt-tuning", "prefix-tuning"}.isdisjoint(
+        {p.config.method for p in expand(load_study("quick"))})
+    env = dict(os.environ, COLUMNS="250", FEWTUNE_DATA_DIR=str(data_dir))
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", "beyond", "--out", str(tmp_path / "b"), "--dry-run"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "60 runs" in res.stdout and "60 of 60 runs feasible" in res.stdout
