@@ -8,6 +8,10 @@ module trained alongside the adapter and saved with it. ``objective=lm`` trains 
 under the PBFT objective instead (LM head frozen). Target modules default to peft's own mapping
 for the model type (``q_proj``/``v_proj`` for Llama and OPT, ``query_key_value`` for GPT-NeoX).
 
+``rslora=true``: rank-stabilised LoRA (Kalajdzievski 2023, peft ``use_rslora``) scales the update
+by alpha/sqrt(r) instead of alpha/r, so higher ranks are not damped; ``dora`` (``dora.py``) is
+this method with peft's ``use_dora``.
+
 Learning rate: the run's ``train.lr``. The study's 1e-5 barely moves a LoRA adapter (whose B
 matrix starts at zero); llmft's LoRA runs used 2e-4 — pass ``--set train.lr=2e-4`` for that.
 
