@@ -188,9 +188,14 @@ class TrainableMethod(Method):
     def adapt_model(self) -> None:
         """Freeze parameters / inject adapters into ``self.ctx.lm.model`` (default: train all)."""
 
+    def scoring_model(self) -> nn.Module:
+        """The causal LM that training and prediction run (default: ``ctx.lm.model``, adapted in
+        place). Prompt/prefix tuning return a view that injects their virtual tokens."""
+        return self.ctx.lm.model
+
     def build_net(self) -> nn.Module:
         """The module the loop trains: backbone + head of the chosen objective."""
-        model = self.ctx.lm.model
+        model = self.scoring_model()
         body, lm_head = backbone_and_head(model)
         if self.objective == "classifier":
             hidden = model.config.hidden_size
@@ -291,11 +296,11 @@ class TrainableMethod(Method):
             return classify(self.net, ctx.lm.tokenizer, texts, num_labels=ctx.task.num_labels, batch_size=ctx.cfg.eval_batch_size,
                             max_context=ctx.cfg.max_context, precision=ctx.precision, device=ctx.device, on_batch=on_batch)
         preds = Predictions.from_scores(self._lm_scores(texts, on_batch), ctx.verbalizer.token_ids)
-        return preds.calibrated(self.params.calibration, lambda: self._lm_scores(ctx.content_free_queries()).label_logprobs)
+        return preds.calibrated(getattr(self.params, "calibration", "none"), lambda: self._lm_scores(ctx.content_free_queries()).label_logprobs)
 
     def _lm_scores(self, texts: Sequence[str], on_batch: Callable[[int], None] | None = None) -> Scores:
         ctx = self.ctx
-        return score_prompts(ctx.lm.model, ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
+        return score_prompts(self.scoring_model(), ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
                              batch_size=ctx.cfg.eval_batch_size, max_context=ctx.cfg.max_context,
                              precision=ctx.precision, on_batch=on_batch)
 

@@ -8,6 +8,10 @@ module trained alongside the adapter and saved with it. ``objective=lm`` trains 
 under the PBFT objective instead (LM head frozen). Target modules default to peft's own mapping
 for the model type (``q_proj``/``v_proj`` for Llama and OPT, ``query_key_value`` for GPT-NeoX).
 
+``rslora=true``: rank-stabilised LoRA (Kalajdzievski 2023, peft ``use_rslora``) scales the update
+by alpha/sqrt(r) instead of alpha/r, so higher ranks are not damped; ``dora`` (``dora.py``) is
+this method with peft's ``use_dora``.
+
 Learning rate: the run's ``train.lr``. The study's 1e-5 barely moves a LoRA adapter (whose B
 matrix starts at zero); llmft's LoRA runs used 2e-4 — pass ``--set train.lr=2e-4`` for that.
 
@@ -39,6 +43,7 @@ class LoRAOptions(ObjectiveParams):
     alpha: float = Field(8, gt=0, description="lora_alpha; the update is scaled by alpha / r (study: 8)")
     dropout: float = Field(0.1, ge=0, lt=1, description="lora_dropout (study: 0.1)")
     target_modules: list[str] | None = Field(None, description="module names to adapt (default: peft's mapping, e.g. q_proj, v_proj)")
+    rslora: bool = Field(False, description="rank-stabilised LoRA (Kalajdzievski 2023): scale alpha/sqrt(r) instead of alpha/r")
     save_dir: str | None = Field(None, description="write the trained adapter (and head) here after training")
 
 
@@ -55,18 +60,18 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str] | None,
-               seed: int) -> nn.Module:
+               seed: int, **extra) -> nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapter's parameters train.
 
     The adapter's A matrices are drawn from the global torch RNG, seeded here by ``seed`` (the
     run's model seed), B starts at zero: the wrapped model initially computes exactly what the
-    base model does."""
+    base model does. ``extra``: further ``LoraConfig`` options (``use_rslora``, ``use_dora``)."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules or default_targets(model)
     torch.manual_seed(seed)
     try:
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **extra)
         return get_peft_model(model, cfg)
     except ValueError as e:
         raise ConfigError(f"cannot apply LoRA: {str(e).splitlines()[0]}", "check params.target_modules against the model's module names") from None
@@ -83,8 +88,13 @@ class LoRA(TrainableMethod):
         # peft injects the adapter layers into the base model in place, so everything that runs
         # ``ctx.lm.model`` (the backbone of our nets, ``score_prompts``) runs the adapted model.
         self.peft_model = apply_lora(self.ctx.lm.model, r=p.r, alpha=p.alpha, dropout=p.dropout,
-                                     target_modules=p.target_modules, seed=self.ctx.cfg.model_seed)
-        self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha)
+                                     target_modules=p.target_modules, seed=self.ctx.cfg.model_seed, **self.lora_options())
+        self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha,
+                          **self.lora_options())
+
+    def lora_options(self) -> dict:
+        """Extra ``LoraConfig`` options of this variant (DoRA adds ``use_dora``)."""
+        return {"use_rslora": self.params.rslora}
 
     def fit(self, sample):
         summary = super().fit(sample)
@@ -104,34 +114,44 @@ class LoRA(TrainableMethod):
 def save_adapter(peft_model: nn.Module, head: nn.Module | None, path: Path, head_kind: str | None) -> None:
     """The peft adapter (``adapter_config.json``, ``adapter_model.safetensors``) and, for the
     classifier objective, the head's weights and shape."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(path))
     if head is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        save_file(state, str(path / "head.safetensors"))
-        out = head.out
-        info = {"kind": head_kind, "hidden": out.in_features, "num_labels": out.out_features,
-                "dropout": float(getattr(getattr(head, "dropout", None), "p", 0.0))}
-        (path / "head.json").write_text(json.dumps(info))
+        save_head(head, path, head_kind)
+
+
+def save_head(head: nn.Module, path: Path, head_kind: str | None) -> None:
+    """``head.safetensors`` (weights) and ``head.json`` (kind and shape) in ``path``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path / "head.safetensors"))
+    out = head.out
+    info = {"kind": head_kind, "hidden": out.in_features, "num_labels": out.out_features,
+            "dropout": float(getattr(getattr(head, "dropout", None), "p", 0.0))}
+    (path / "head.json").write_text(json.dumps(info))
+
+
+def load_head(path: Path, device: torch.device) -> nn.Module | None:
+    """The head saved by ``save_head`` in ``path`` (eval mode), or None if there is none."""
+    from safetensors.torch import load_file
+
+    if not (path / "head.json").exists():
+        return None
+    info = json.loads((path / "head.json").read_text())
+    head = make_head(info["kind"], info["hidden"], info["num_labels"], seed=0, dropout=info["dropout"])
+    head.load_state_dict(load_file(str(path / "head.safetensors")))
+    return head.to(device).eval()
 
 
 def load_adapter(base_model: nn.Module, path: Path) -> tuple[nn.Module, nn.Module | None]:
     """Re-attach a saved adapter to a freshly loaded base model; returns (peft model, head or None)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise ConfigError(f"no LoRA adapter in {path}", "pass the directory given as params.save_dir")
+        raise ConfigError(f"no peft adapter in {path}", "pass the directory given as params.save_dir")
     model = PeftModel.from_pretrained(base_model, str(path))
     model.eval()
-    head = None
-    if (path / "head.json").exists():
-        info = json.loads((path / "head.json").read_text())
-        head = make_head(info["kind"], info["hidden"], info["num_labels"], seed=0, dropout=info["dropout"])
-        head.load_state_dict(load_file(str(path / "head.safetensors")))
-        head.to(next(base_model.parameters()).device).eval()
-    return model, head
+    return model, load_head(path, next(base_model.parameters()).device)
