@@ -70,6 +70,8 @@ def run(
             result = run_experiment(cfg, out, data_dir=data_dir, progress=progress, overwrite=overwrite)
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written: {out} is as it was") from None
+    if not result.main_process:  # another process of a data-parallel launch: process 0 reports
+        return
     if result.reused:
         err_console.print(f"already done: {escape(str(out))} holds this run (same config); "
                           "showing its results (--overwrite runs it again)")

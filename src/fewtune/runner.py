@@ -2,7 +2,8 @@
 
 ``run_experiment`` is the single entry point used by the CLI's ``run`` and by studies. Output is
 written to a temporary sibling directory and renamed into place at the end, so a failed or
-killed run never leaves a partial result behind.
+killed run never leaves a partial result behind. In a data-parallel launch (``fewtune.distributed``)
+every process trains; only process 0 evaluates, writes and logs to trackers.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 import yaml
 
+from . import distributed
 from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error
 from .config import RunConfig, resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
 from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
-from .models import device, load_model, resolve_precision
+from .models import load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
 from .sampling import few_shot_sample, stratified_subsample
@@ -38,6 +40,7 @@ class RunResult:
     metrics: dict
     out_dir: Path | None
     reused: bool = False  # out_dir already held this finished run; nothing was run
+    main_process: bool = True  # False on the other processes of a data-parallel launch (they write nothing)
 
 
 @dataclass
@@ -87,17 +90,21 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     """
     cfg = resolve(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
+    dev = distributed.device()
+    distributed.check_supported(cfg.method, METHODS.get(cfg.method).trains, getattr(cfg, "device_map", None),
+                                resolve_precision(cfg.precision, dev))
     if out_dir is not None:
-        done = check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite)
+        done = distributed.from_main(lambda: check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite))
         if done is not None:
-            return RunResult(cfg, done, Path(out_dir), reused=True)
+            return RunResult(cfg, done, Path(out_dir), reused=True, main_process=distributed.is_main())
+    main = distributed.is_main()
+    progress = progress if main else None
     task = get_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
-    dev = device()
     meter = ResourceMeter(dev)
     started = time.time()
 
-    with meter.phase("prepare"):
+    with meter.phase("prepare"), distributed.main_first():
         pool = load_train(task, data_dir)
         sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
         evals = load_eval_sets(task, cfg, data_dir)
@@ -122,12 +129,14 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     except TrainingDiverged as e:
         # The reason is part of the result: a diverged run leaves a record saying so (status
         # "diverged", no eval metrics), then fails like any other error.
-        if out_dir is not None:
+        if out_dir is not None and main:
             failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
                       "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
                       "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
             write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
         raise
+    if not main:  # trained its share; process 0 evaluates and writes
+        return RunResult(cfg, {}, None, main_process=False)
     if train_summary and train_summary.get("train_tokens"):
         meter.add_tokens("train", int(train_summary["train_tokens"]))
     with meter.phase("eval"):
@@ -150,7 +159,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "eval": {},
         "curve": (train_summary or {}).get("curve", []),
         "train": _train_block(train_summary),
-        "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+        "resources": {**meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+                      "processes": distributed.world_size()},
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(task.notes),
         "warnings": list(method.warnings()),
