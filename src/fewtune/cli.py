@@ -42,7 +42,7 @@ def run(
     pattern: Optional[str] = typer.Option(None, help="prompt pattern (task default: minimal)"),
     eval_limit: Optional[int] = typer.Option(None, help="stratified, seeded subsample of each eval set"),
     eval_sets: Optional[str] = typer.Option(None, help="comma-separated eval sets (task default)"),
-    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
     config: Optional[Path] = typer.Option(None, help="YAML run config; flags override it"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override any key: train.lr=1e-4, params.k=8"),
     out: Path = typer.Option(..., help="output directory (new, empty, or holding this same run)"),

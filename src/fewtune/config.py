@@ -108,7 +108,8 @@ class RunConfig(StrictModel):
     eval_seed: int = 0
     eval_batch_size: int = Field(16, ge=1)
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where native (CUDA ≥ Ampere, AMX CPUs), else fp16 on CUDA, fp32 on CPU")
     train: TrainConfig = Field(default_factory=TrainConfig)
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
 
