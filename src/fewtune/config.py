@@ -76,6 +76,7 @@ class TrainConfig(StrictModel):
     max_length: int = Field(128, ge=8)
     group_by_length: bool = True
     eval_every_epoch: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
 
 
 class RunIdentity(StrictModel):

@@ -235,6 +235,22 @@ def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations during backward instead of storing them.
+
+    Non-reentrant checkpointing (``use_reentrant=False``, PyTorch's recommendation) needs no input
+    that requires grad; we still hook the embeddings' output when they are frozen (LoRA, adaptive
+    FT) so that a model forcing the reentrant variant gets gradients through the layers too.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False) or not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing",
+                          "set train.gradient_checkpointing=false for this model")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    emb = model.get_input_embeddings()
+    if emb is not None and not emb.weight.requires_grad:
+        model.enable_input_require_grads()
+
+
 def reset_accelerate_state() -> None:
     """Forget the process-wide accelerate singletons (not the distributed PartialState)."""
     from accelerate.state import AcceleratorState, GradientState
