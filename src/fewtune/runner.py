@@ -29,6 +29,7 @@ from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from .models import load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
+from .tracking import check_available, log_run
 from .sampling import few_shot_sample, stratified_subsample
 from .tasks import get_task, load_eval, load_train
 from .tasks.base import Example, Task
@@ -91,6 +92,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     cfg = resolve(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
     dev = distributed.device()
+    check_available(cfg.log_to)
     distributed.check_supported(cfg.method, METHODS.get(cfg.method).trains, getattr(cfg, "device_map", None),
                                 resolve_precision(cfg.precision, dev))
     if out_dir is not None:
@@ -187,6 +189,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
 
     if out_dir is not None:
         write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
+    if cfg.log_to and (cfg.log_dir or out_dir is not None):
+        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
     return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
 
 
@@ -210,7 +214,7 @@ def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool
         raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
     if overwrite:
         return None
-    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.model_dump(mode="json"))
+    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.result_dump())
     same = metrics.get("run_id") == run_id or not diffs
     if same:  # a finished run is done; a failure record of the same config is simply retried
         return metrics if metrics.get("status", "ok") == "ok" else None
@@ -285,7 +289,7 @@ def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dic
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tmp_dir(out_dir)
     try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.result_dump(), sort_keys=False))
         (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
         with open(tmp / "predictions.jsonl", "w") as f:
             for ev in evals:
