@@ -82,8 +82,9 @@ def test_supported_combinations_pass(monkeypatch):
 
 # --- real launches (subprocesses) ------------------------------------------------------------
 
-RUN = ["run", "--task", "cola", "--method", "vanilla", "--model", "tiny-random", "--set", "n=8", "--eval-limit", "40",
-       "--set", "train.epochs=2", "--set", "train.batch_size=4", "--precision", "fp32"]
+# 15 examples in global batches of 4: the last batch (3) splits 2/1, so the weighted shares matter
+RUN = ["run", "--task", "cola", "--method", "vanilla", "--model", "tiny-random", "--set", "n=15", "--set", "n_is_total=true",
+       "--eval-limit", "40", "--set", "train.epochs=2", "--set", "train.batch_size=4", "--precision", "fp32"]
 ACCELERATE_DDP = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\n"
 ACCELERATE_FSDP = ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\n"
                    "mixed_precision: 'no'\nfsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\n")
@@ -112,7 +113,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", tmp_path / "out" / "two"))
     assert b["resources"]["processes"] == 2 and a["resources"]["processes"] == 1
     assert a["run_id"] == b["run_id"]  # the number of processes is not part of the run's identity
-    assert b["train"]["steps"] == a["train"]["steps"] == 8
+    assert b["train"]["steps"] == a["train"]["steps"] == 8 and b["train"]["examples"] == 15
     assert b["train"]["loss_history"] == pytest.approx(a["train"]["loss_history"], abs=1e-5)
     assert b["train"]["epoch_losses"] == pytest.approx(a["train"]["epoch_losses"], abs=1e-5)
     for name in a["eval"]:
