@@ -122,7 +122,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
                      data_dir=data_dir, progress=progress)
     method_cls = METHODS.get(cfg.method)
     method = method_cls(ctx, method_cls.Params.model_validate(cfg.params))
-    ctx.evaluate = lambda: _curve_point(method, evals, task)
+    if main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
+        ctx.evaluate = lambda: _curve_point(method, evals, task)
 
     torch.manual_seed(cfg.model_seed)
     try:
