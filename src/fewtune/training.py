@@ -1,7 +1,7 @@
 """The one training loop every trainable method uses.
 
-Plain PyTorch driven by ``accelerate`` — device placement, bf16 autocast, gradient accumulation
-(and, later, multi-GPU through the same calls) — rather than the Hugging Face ``Trainer``: the
+Plain PyTorch driven by ``accelerate`` — device placement, bf16/fp16 autocast and gradient
+scaling, gradient accumulation, data-parallel DDP — rather than the Hugging Face ``Trainer``: the
 methods differ only in *what* is computed (inputs, trainable parameters, head, loss), so each
 supplies a module whose ``forward(ids, mask, last)`` returns logits at the last real token and a
 ``loss_fn(logits, batch)``; everything about *how* to optimise lives here, once.
