@@ -125,8 +125,9 @@ def test_read_git_head_of_a_worktree_with_packed_refs(tmp_path):
 
 
 def _hash_yaml(path: Path) -> str:
-    cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = yaml.safe_load(path.read_text())
+    cfg = RunConfig.model_validate(data)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))  # config.yaml exactly as written
     assert cfg.content_hash() == hashlib.sha256(blob.encode()).hexdigest()[:16]
     return cfg.content_hash()
 

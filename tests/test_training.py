@@ -208,3 +208,21 @@ def test_runs_with_different_precision_in_one_process():
                     pad_id=PAD, precision=precision, model_seed=0, device=CPU)
         # 8 examples in batches of 4: 2 micro-batches, i.e. 2 optimizer steps, or 1 with accumulation 2
         assert res.steps == res.total_steps == (2 if precision == "fp32" else 1)
+
+
+def test_losses_reach_the_host_once_per_epoch_not_per_micro_step(monkeypatch):
+    """Per-step ``float(loss)``/``.item()`` stalls a GPU's queue; the loop copies the pending
+    losses and gradient norms in one transfer per epoch (and every SYNC_EVERY steps)."""
+    seqs, labels = toy_data(16)
+    syncs = {"n": 0}
+    for name in ("item", "tolist", "__float__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            syncs["n"] += self.is_floating_point()  # losses, norms (not the samplers' CPU index draws)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    res = run(BagNet(), seqs, ce(labels), TrainConfig(lr=0.05, epochs=3, batch_size=2, max_grad_norm=1.0))
+    assert res.steps == 24 and len(res.loss_history) == 24 and len(res.epoch_losses) == 3
+    assert syncs["n"] <= 3  # one per epoch; 48 before (a loss and a gradient norm per step)

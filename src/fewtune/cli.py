@@ -42,7 +42,8 @@ def run(
     pattern: Optional[str] = typer.Option(None, help="prompt pattern (task default: minimal)"),
     eval_limit: Optional[int] = typer.Option(None, help="stratified, seeded subsample of each eval set"),
     eval_sets: Optional[str] = typer.Option(None, help="comma-separated eval sets (task default)"),
-    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
+    log_to: Optional[str] = typer.Option(None, "--log-to", help="experiment trackers, comma-separated: tensorboard,mlflow,wandb"),
     config: Optional[Path] = typer.Option(None, help="YAML run config; flags override it"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override any key: train.lr=1e-4, params.k=8"),
     out: Path = typer.Option(..., help="output directory (new, empty, or holding this same run)"),
@@ -59,7 +60,8 @@ def run(
     data = load_yaml_file(config, "run config") if config else {}
     flags = {"task": task, "method": method, "n": n, "seed": seed, "model": model, "pattern": pattern,
              "eval_limit": eval_limit, "precision": precision,
-             "eval_sets": eval_sets.split(",") if eval_sets else None}
+             "eval_sets": eval_sets.split(",") if eval_sets else None,
+             "log_to": [x.strip() for x in log_to.split(",") if x.strip()] if log_to else None}
     try:
         import_torch()  # before run_data, whose method-scope check imports the methods (and torch)
         cfg = validate(RunConfig, run_data(data, flags, set_ or []), where="run config")
@@ -70,6 +72,8 @@ def run(
             result = run_experiment(cfg, out, data_dir=data_dir, progress=progress, overwrite=overwrite)
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written: {out} is as it was") from None
+    if not result.main_process:  # another process of a data-parallel launch: process 0 reports
+        return
     if result.reused:
         err_console.print(f"already done: {escape(str(out))} holds this run (same config); "
                           "showing its results (--overwrite runs it again)")

@@ -19,6 +19,8 @@ from .registry import unknown_hint
 M = TypeVar("M", bound=BaseModel)
 
 EMBEDDED_MODEL = "embedded"
+# Where results are *reported*, not what they are: left out of the run id and config.yaml.
+NOT_RESULT_FIELDS = frozenset({"log_to", "log_dir"})
 
 
 class StrictModel(BaseModel):
@@ -76,6 +78,7 @@ class TrainConfig(StrictModel):
     max_length: int = Field(128, ge=8)
     group_by_length: bool = True
     eval_every_epoch: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
 
 
 class Selection(StrictModel):
@@ -130,15 +133,24 @@ class RunConfig(StrictModel):
     eval_seed: int = 0
     eval_batch_size: int = Field(16, ge=1)
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where native (CUDA ≥ Ampere, AMX CPUs), else fp16 on CUDA, fp32 on CPU")
     train: TrainConfig = Field(default_factory=TrainConfig)
     select: Selection | None = Field(None, description="choose train./params. values by k-fold CV on the few-shot sample")
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
+    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers to log to (not part of the run id)")
+    log_dir: str | None = Field(None, description="trackers' local directory (default: <run dir>/trackers; not part of the run id)")
+
+    def result_dump(self) -> dict[str, Any]:
+        """The config as ``config.yaml`` holds it: everything the result depends on, without where
+        it is reported (``NOT_RESULT_FIELDS``), so logging to a tracker never changes a run id."""
+        return self.model_dump(mode="json", exclude=set(NOT_RESULT_FIELDS))
 
     def content_hash(self) -> str:
         """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block
-        included), i.e. of exactly what ``config.yaml`` holds."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        included), i.e. of exactly what ``config.yaml`` holds (``result_dump``)."""
+        blob = json.dumps(self.result_dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

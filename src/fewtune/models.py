@@ -46,26 +46,44 @@ def device() -> torch.device:
 
 
 def resolve_precision(requested: str, dev: torch.device | None = None) -> str:
-    """bf16 autocast where the hardware does bf16 matmuls natively, else fp32.
+    """The autocast precision a run uses: ``fp32``, ``bf16`` or ``fp16`` (with gradient scaling).
 
-    On CPUs with AVX512-BF16/AMX, bf16 autocast is 1.7–2.7× faster for this model size; on
-    CPUs without it, bf16 is emulated and slower, so ``auto`` falls back to fp32.
+    ``auto``: on CUDA, bf16 where the GPU does it natively, else fp16 — ``is_bf16_supported()``
+    counts emulation by default and says True on V100/T4, where bf16 is slow, hence
+    ``including_emulation=False``. On CPUs with AVX512-BF16/AMX bf16 autocast is 1.7–2.7× faster
+    for this model size; without it bf16 is emulated and slower, so ``auto`` stays fp32 (and fp16,
+    which CPUs do not accelerate, is refused).
     """
     dev = dev or device()
     if requested == "fp32":
         return "fp32"
     if dev.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    else:
-        ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        native = cuda_native_bf16()
+        if requested == "bf16" and not native:
+            raise ConfigError("precision 'bf16' requested but this GPU has no native bf16 support",
+                              "use --precision fp16 (or auto, which picks it here) or fp32")
+        return "fp16" if requested == "fp16" or not native else "bf16"
+    if requested == "fp16":
+        raise ConfigError("precision 'fp16' needs a CUDA GPU", "use --precision auto, bf16 or fp32 on this device")
+    ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
     if requested == "bf16" and not ok:
         raise ConfigError("precision 'bf16' requested but this device has no native bf16 support", "use --precision auto or fp32")
     return "bf16" if ok else "fp32"
 
 
+def cuda_native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later), not emulated; older torch has no ``including_emulation``."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:
+        major, _ = torch.cuda.get_device_capability()
+        return major >= 8
+
+
 def autocast(precision: str, dev: torch.device | None = None):
     dev = dev or device()
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=dev.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def embedded_gguf_path() -> Path:

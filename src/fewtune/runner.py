@@ -2,7 +2,8 @@
 
 ``run_experiment`` is the single entry point used by the CLI's ``run`` and by studies. Output is
 written to a temporary sibling directory and renamed into place at the end, so a failed or
-killed run never leaves a partial result behind.
+killed run never leaves a partial result behind. In a data-parallel launch (``fewtune.distributed``)
+every process trains; only process 0 evaluates, writes and logs to trackers.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ import numpy as np
 import torch
 import yaml
 
+from . import distributed
 from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error
 from .config import RunConfig, resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
 from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc
-from .models import device, load_model, resolve_precision
+from .models import load_model, resolve_precision
 from .prompts import verbalizer_token_ids
 from .resources import ResourceMeter
 from .selection import select_values, with_values
+from .tracking import check_available, log_run
 from .sampling import few_shot_sample, stratified_subsample
 from .tasks import get_task, load_eval, load_train
 from .tasks.base import Example, Task
@@ -40,6 +43,7 @@ class RunResult:
     metrics: dict
     out_dir: Path | None
     reused: bool = False  # out_dir already held this finished run; nothing was run
+    main_process: bool = True  # False on the other processes of a data-parallel launch (they write nothing)
 
 
 @dataclass
@@ -89,17 +93,22 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     """
     cfg = resolve(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
+    dev = distributed.device()
+    check_available(cfg.log_to)
+    distributed.check_supported(cfg.method, METHODS.get(cfg.method).trains, getattr(cfg, "device_map", None),
+                                resolve_precision(cfg.precision, dev))
     if out_dir is not None:
-        done = check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite)
+        done = distributed.from_main(lambda: check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite))
         if done is not None:
-            return RunResult(cfg, done, Path(out_dir), reused=True)
+            return RunResult(cfg, done, Path(out_dir), reused=True, main_process=distributed.is_main())
+    main = distributed.is_main()
+    progress = progress if main else None
     task = get_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
-    dev = device()
     meter = ResourceMeter(dev)
     started = time.time()
 
-    with meter.phase("prepare"):
+    with meter.phase("prepare"), distributed.main_first():
         pool = load_train(task, data_dir)
         sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
         evals = load_eval_sets(task, cfg, data_dir)
@@ -109,10 +118,11 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
             build = lambda c: _make_method(c, task, pattern, dev, meter, pool, data_dir)  # noqa: E731
             chosen, selection = select_values(cfg, sample.examples, lambda c, tr, ho: _fold_score(build, cfg.select.metric, c, tr, ho))
         fit_cfg = with_values(cfg, chosen)
-    with meter.phase("prepare"):
+    with meter.phase("prepare"), distributed.main_first():
         method = _make_method(fit_cfg, task, pattern, dev, meter, pool, data_dir, progress)
     ctx, lm, verbalizer, precision, run_cfg = method.ctx, method.ctx.lm, method.ctx.verbalizer, method.ctx.precision, method.ctx.cfg
-    ctx.evaluate = lambda: _curve_point(method, evals, task)
+    if main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
+        ctx.evaluate = lambda: _curve_point(method, evals, task)
 
     torch.manual_seed(cfg.model_seed)
     try:
@@ -121,12 +131,14 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     except TrainingDiverged as e:
         # The reason is part of the result: a diverged run leaves a record saying so (status
         # "diverged", no eval metrics), then fails like any other error.
-        if out_dir is not None:
+        if out_dir is not None and main:
             failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
                       "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
                       "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
             write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
         raise
+    if not main:  # trained its share; process 0 evaluates and writes
+        return RunResult(cfg, {}, None, main_process=False)
     if train_summary and train_summary.get("train_tokens"):
         meter.add_tokens("train", int(train_summary["train_tokens"]))
     with meter.phase("eval"):
@@ -149,7 +161,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "eval": {},
         "curve": (train_summary or {}).get("curve", []),
         "train": _train_block(train_summary),
-        "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+        "resources": {**meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+                      "processes": distributed.world_size()},
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(task.notes),
         "warnings": list(method.warnings()),
@@ -179,6 +192,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
 
     if out_dir is not None:
         write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
+    if cfg.log_to and (cfg.log_dir or out_dir is not None):
+        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
     return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
 
 
@@ -232,7 +247,7 @@ def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool
         raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
     if overwrite:
         return None
-    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.model_dump(mode="json"))
+    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.result_dump())
     same = metrics.get("run_id") == run_id or not diffs
     if same:  # a finished run is done; a failure record of the same config is simply retried
         return metrics if metrics.get("status", "ok") == "ok" else None
@@ -307,7 +322,7 @@ def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dic
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tmp_dir(out_dir)
     try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.result_dump(), sort_keys=False))
         (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
         with open(tmp / "predictions.jsonl", "w") as f:
             for ev in evals:

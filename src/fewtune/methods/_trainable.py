@@ -49,7 +49,7 @@ from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
 from ..models import autocast, backbone_and_head
 from ..scoring import Scores, argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
 from ..tasks.base import Example
-from ..training import Batch, TrainResult, train
+from ..training import Batch, TrainResult, enable_gradient_checkpointing, train
 from .base import Method, Predictions
 
 Objective = Literal["classifier", "lm"]
@@ -272,6 +272,8 @@ class TrainableMethod(Method):
         self.before_build(examples, seqs)
         torch.manual_seed(ctx.cfg.model_seed)  # adapter init (LoRA) and anything else drawn from the global RNG
         self.adapt_model()
+        if ctx.cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(ctx.lm.model)
         self.net = self.build_net()
         curve_fn = None
         if ctx.cfg.train.eval_every_epoch and ctx.evaluate is not None:
