@@ -89,6 +89,7 @@ class RunIdentity(StrictModel):
     model_digest: str | None = None
     device: str
     precision: str
+    model_dtype: str = Field("fp32", description="the weights' dtype model_dtype resolved to on this device")
 
 
 class RunConfig(StrictModel):
@@ -106,17 +107,43 @@ class RunConfig(StrictModel):
     eval_sets: list[str] | None = None
     eval_limit: int | None = Field(None, ge=1, description="stratified, seeded subsample size per eval set")
     eval_seed: int = 0
-    eval_batch_size: int = Field(16, ge=1)
+    eval_batch_size: int | Literal["auto"] = Field(
+        "auto", description="examples per scoring batch; auto: 16 on CPU, 64 on CUDA (resolved into the config)")
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    model_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the weights' dtype; auto: fp32 on CPU and for methods that update the base weights, "
+                            "bf16 on CUDA (native bf16) for zero-shot/icl/lora; resolved into identity.model_dtype")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: transformers' choice (SDPA where the model supports it)")
+    device_map: str | None = Field(
+        None, description="accelerate device_map (e.g. 'auto') for methods that keep the base weights frozen")
     train: TrainConfig = Field(default_factory=TrainConfig)
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
 
     def content_hash(self) -> str:
         """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block
-        included), i.e. of exactly what ``config.yaml`` holds."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        included), i.e. of what ``config.yaml`` holds — except keys added later that are at the
+        value reproducing the behaviour from before they existed (``HASH_NEUTRAL``), so the run
+        ids of existing studies stay valid when fewtune grows a new option."""
+        data = self.model_dump(mode="json")
+        for key, neutral in HASH_NEUTRAL.items():
+            if data.get(key, neutral) == neutral:
+                data.pop(key, None)
+        identity = data.get("identity") or {}
+        for key, neutral in IDENTITY_HASH_NEUTRAL.items():
+            if identity.get(key, neutral) == neutral:
+                identity.pop(key, None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys left out of the run id at these values (see ``RunConfig.content_hash``): auto model_dtype
+# is recorded resolved in identity.model_dtype (fp32 = the weights before the key existed);
+# attention auto = transformers' default, as before; no device_map = the one device, as before.
+HASH_NEUTRAL: dict[str, Any] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None}
+IDENTITY_HASH_NEUTRAL: dict[str, Any] = {"model_dtype": "fp32"}
+EVAL_BATCH_AUTO = {"cpu": 16, "cuda": 64}
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -124,6 +151,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     identity block (what else the result depends on: code version, task/model digests, device)."""
     from .identity import compute_identity
     from .methods import METHODS
+    from .models import check_load_options, device
     from .tasks import get_task
 
     task = get_task(cfg.task)
@@ -133,5 +161,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for name in eval_sets:
         task.eval_split(name)
     params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
-    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
+    check_load_options(cfg.method, cfg.attn_implementation, cfg.device_map)
+    eval_batch = cfg.eval_batch_size if cfg.eval_batch_size != "auto" else EVAL_BATCH_AUTO.get(device().type, 16)
+    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json"),
+                                 "eval_batch_size": eval_batch})
     return out.model_copy(update={"identity": compute_identity(out)})

@@ -102,7 +102,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
         evals = load_eval_sets(task, cfg, data_dir)
         torch.manual_seed(cfg.model_seed)
-        lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
+        lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
+                        attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
         verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
         precision = resolve_precision(cfg.precision, dev)
         # The methods see the context clipped to the model's window; config.yaml keeps the value
@@ -141,6 +142,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "method": cfg.method,
         "model": cfg.model,
         "model_name": lm.name,
+        "model_load": lm.load_info(),
         "n": cfg.n,
         "seed": cfg.seed,
         "pattern": pattern.name,
