@@ -36,13 +36,20 @@ class LoadedModel:
     name: str  # human-readable, used in outputs
     spec: str  # what the user asked for
     max_positions: int | None
+    device_map: str | None = None  # as requested; accelerate's placement is in load_info()
 
     def load_info(self) -> dict:
         """How the weights were loaded, for metrics.json: dtype, attention kernel, placement."""
         m = self.model
         return {"dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
                 "attn_implementation": getattr(m.config, "_attn_implementation", None),
-                "device_map": getattr(m, "hf_device_map", None)}
+                "device_map": getattr(m, "hf_device_map", None) or self.device_map,
+                "devices": sorted({str(p.device) for p in m.parameters()})}
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the inputs go: the embeddings' device (under a device_map, not necessarily ``device()``)."""
+        return self.model.get_input_embeddings().weight.device
 
 
 def cache_dir() -> Path:
@@ -254,7 +261,7 @@ def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None 
     if device_map is None:
         model.to(dev)
     model.eval()
-    return LoadedModel(model, tok, name, spec, getattr(model.config, "max_position_embeddings", None))
+    return LoadedModel(model, tok, name, spec, getattr(model.config, "max_position_embeddings", None), device_map)
 
 
 def frozen_base(method: str) -> bool:

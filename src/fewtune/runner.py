@@ -104,6 +104,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         torch.manual_seed(cfg.model_seed)
         lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
                         attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
+        dev = lm.input_device if cfg.device_map else dev
         verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
         precision = resolve_precision(cfg.precision, dev)
         # The methods see the context clipped to the model's window; config.yaml keeps the value
