@@ -199,3 +199,51 @@ def test_run_records_model_load_and_resolved_dtype(tmp_path, data_dir):
     assert m["identity"]["model_dtype"] == "bf16" and m["model"] == "tiny-random"
     assert m["model_load"] == {"dtype": "bfloat16", "attn_implementation": "eager", "device_map": None, "devices": ["cpu"]}
     assert np.isfinite(m["eval"]["dev"]["accuracy"]) if "dev" in m["eval"] else m["eval"]
+
+
+def test_sizes_preset_dry_run_through_the_cli(tmp_path, data_dir):
+    if not all(m.installed() for m in embedded.MODELS.values()):
+        pytest.skip("both embedded models must be installed (scripts/setup.sh)")
+    out = subprocess.run([sys.executable, "-m", "fewtune", "study", "sizes", "--dry-run", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "24 runs" in out.stdout and "24 of 24 runs feasible" in out.stdout
+    assert out.stdout.count("gemma3-270m") == out.stdout.count("smollm2-135m") == 12
+
+
+# --------------------------------------------------------------------------- Gemma's tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    if not embedded.MODELS["gemma3-270m"].installed():
+        pytest.skip("gemma3-270m not installed (scripts/setup.sh)")
+    from fewtune.models import load_tokenizer
+
+    return load_tokenizer("gemma3-270m")
+
+
+def test_builtin_verbalizers_are_single_gemma_tokens(gemma_tokenizer):
+    """Every built-in pattern's words resolve to one SentencePiece token with its word-start ▁
+    (so no per-model verbalizer words are needed for Gemma)."""
+    from fewtune.prompts import verbalizer_token_ids
+    from fewtune.tasks import TASKS
+
+    seen = 0
+    for name in TASKS.names():
+        for pattern in TASKS.get(name).patterns.values():
+            v = verbalizer_token_ids(gemma_tokenizer, pattern.verbalizer)
+            assert all(t == "▁" + w.strip() for t, w in zip(v.tokens, v.words)), (name, pattern.name, v)
+            seen += 1
+    assert seen >= 8
+
+
+def test_gemma_prompts_start_with_bos(gemma_tokenizer):
+    """Gemma degrades without <bos>; encode_prompts must give it one, once, on the prefix or query."""
+    from fewtune.scoring import encode_prompts
+
+    bos = gemma_tokenizer.bos_token_id
+    with_prefix = encode_prompts(gemma_tokenizer, [" A sentence ?"], prefix="Demo ? Yes")
+    alone = encode_prompts(gemma_tokenizer, ["A sentence ?"])
+    assert with_prefix.prefix_ids[0] == bos and bos not in with_prefix.query_ids[0]
+    assert alone.query_ids[0][0] == bos and alone.query_ids[0].count(bos) == 1
