@@ -130,11 +130,10 @@ def test_model_dtype_auto_rule(monkeypatch):
 
 
 def _legacy_hash(cfg: RunConfig) -> str:
-    """The run id as computed before the new keys existed: the dump without them."""
-    data = cfg.model_dump(mode="json")
-    for k in ("model_dtype", "attn_implementation", "device_map"):
-        data.pop(k)
-    data["identity"].pop("model_dtype")
+    """The run id as computed before the new keys existed: the dump of every field but them."""
+    fields = set(RunConfig.model_fields) - {"model_dtype", "attn_implementation", "device_map", "identity"}
+    data = {k: v for k, v in cfg.model_dump(mode="json", round_trip=True).items() if k in fields}
+    data["identity"] = {k: v for k, v in cfg.identity.__dict__.items() if k != "model_dtype"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -146,6 +145,10 @@ def test_run_ids_stay_stable_at_the_old_behaviour():
     changed = {resolve(RunConfig(model="tiny-random", **kw)).content_hash()
                for kw in ({}, {"model_dtype": "bf16"}, {"attn_implementation": "eager"}, {"device_map": "cpu"})}
     assert len(changed) == 4  # a key away from its old behaviour is part of the id
+    assert "model_dtype" in resolve(RunConfig(model_dtype="bf16")).model_dump()
+    # what config.yaml holds loads back to the same config, the omitted keys at their defaults
+    again = RunConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg and again.content_hash() == cfg.content_hash()
 
 
 # --------------------------------------------------------------------------- what is loaded

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from .errors import ConfigError
 from .registry import unknown_hint
@@ -25,6 +25,19 @@ class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Keys added after run ids were first published, left out of the dump (config.yaml, the run
+    # id) while at the value that reproduces the behaviour from before they existed: the run ids
+    # of existing studies stay valid when fewtune grows an option. Loading fills them back in.
+    omit_when: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_neutral(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key, neutral in self.omit_when.items():
+                if key in data and data[key] == neutral:
+                    del data[key]
+        return data
 
 
 def validate(model_cls: type[M], data: dict[str, Any] | None, where: str = "config") -> M:
@@ -91,6 +104,8 @@ class RunIdentity(StrictModel):
     precision: str
     model_dtype: str = Field("fp32", description="the weights' dtype model_dtype resolved to on this device")
 
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "fp32"}  # fp32: the weights before the key existed
+
 
 class RunConfig(StrictModel):
     """One experiment: a model adapted by one method on one few-shot sample of one task."""
@@ -121,28 +136,17 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
 
+    # auto model_dtype is recorded resolved in identity.model_dtype; attention auto is transformers'
+    # default, as before; no device_map is the one device, as before (see StrictModel.omit_when).
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None}
+
     def content_hash(self) -> str:
         """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block
-        included), i.e. of what ``config.yaml`` holds — except keys added later that are at the
-        value reproducing the behaviour from before they existed (``HASH_NEUTRAL``), so the run
-        ids of existing studies stay valid when fewtune grows a new option."""
-        data = self.model_dump(mode="json")
-        for key, neutral in HASH_NEUTRAL.items():
-            if data.get(key, neutral) == neutral:
-                data.pop(key, None)
-        identity = data.get("identity") or {}
-        for key, neutral in IDENTITY_HASH_NEUTRAL.items():
-            if identity.get(key, neutral) == neutral:
-                identity.pop(key, None)
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        included), i.e. of exactly what ``config.yaml`` holds."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Keys left out of the run id at these values (see ``RunConfig.content_hash``): auto model_dtype
-# is recorded resolved in identity.model_dtype (fp32 = the weights before the key existed);
-# attention auto = transformers' default, as before; no device_map = the one device, as before.
-HASH_NEUTRAL: dict[str, Any] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None}
-IDENTITY_HASH_NEUTRAL: dict[str, Any] = {"model_dtype": "fp32"}
 EVAL_BATCH_AUTO = {"cpu": 16, "cuda": 64}
 
 
