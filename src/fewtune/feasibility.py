@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
+from . import embedded
 from .errors import ContextLengthError, FewtuneError
 from .methods import METHODS, RunContext
 from .methods._trainable import TrainableMethod
 from .methods.distill import Distill
 from .methods.icl import ICL
-from .models import EMBEDDED, TINY_RANDOM, LoadedModel, embedded_model_dir, load_tokenizer, tiny_config
+from .models import TINY_RANDOM, LoadedModel, embedded_model_dir, load_tokenizer, tiny_config
 from .prompts import verbalizer_token_ids
 from .runner import EvalData, load_eval_sets
 from .sampling import few_shot_sample
@@ -89,7 +90,7 @@ def model_window(spec: str, tokenizer: Any) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(embedded_model_dir() if spec == EMBEDDED else spec)
+        config = AutoConfig.from_pretrained(embedded_model_dir(spec) if embedded.lookup(spec) else spec)
     except (OSError, ValueError):
         return None
     return getattr(config, "max_position_embeddings", None)

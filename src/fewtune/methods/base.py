@@ -97,6 +97,9 @@ class Method(ABC):
     Params: ClassVar[type[StrictModel]] = NoParams
     # Whether ``fit`` updates weights; a method that trains nothing reports 0 trainable parameters.
     trains: ClassVar[bool] = True
+    # Whether training updates the pretrained weights (False: adapters/new heads only). Methods
+    # that keep them frozen may load them in bf16 and spread them with a device_map.
+    trains_base_weights: ClassVar[bool] = True
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

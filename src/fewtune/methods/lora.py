@@ -82,6 +82,7 @@ class LoRA(TrainableMethod):
     name = "lora"
     summary = "peft LoRA adapters (default q_proj/v_proj) + trained classification head (or the PBFT objective)"
     Params = LoRAOptions
+    trains_base_weights = False
 
     def adapt_model(self) -> None:
         p = self.params
