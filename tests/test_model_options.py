@@ -131,8 +131,11 @@ def test_model_dtype_auto_rule(monkeypatch):
 
 def _legacy_hash(cfg: RunConfig) -> str:
     """The run id as computed before the new keys existed: the dump of every field but them."""
-    fields = set(RunConfig.model_fields) - {"model_dtype", "attn_implementation", "device_map", "identity"}
+    fields = set(RunConfig.model_fields) - {"model_dtype", "attn_implementation", "device_map", "identity",
+                                            "select", "log_to", "log_dir"}
     data = {k: v for k, v in cfg.model_dump(mode="json", round_trip=True).items() if k in fields}
+    data["params"] = {k: v for k, v in data["params"].items() if k != "calibration"}
+    data["train"] = {k: v for k, v in data["train"].items() if k != "gradient_checkpointing"}
     data["identity"] = {k: v for k, v in cfg.identity.__dict__.items() if k != "model_dtype"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 

@@ -36,9 +36,10 @@ class StrictModel(BaseModel):
     def _omit_neutral(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         if isinstance(data, dict):
-            for key, neutral in self.omit_when.items():
-                if key in data and data[key] == neutral:
-                    del data[key]
+            for cls in type(self).__mro__:  # a params class inherits its bases' neutral values
+                for key, neutral in vars(cls).get("omit_when", {}).items():
+                    if key in data and data[key] == neutral:
+                        del data[key]
         return data
 
 
@@ -92,6 +93,8 @@ class TrainConfig(StrictModel):
     group_by_length: bool = True
     eval_every_epoch: bool = False
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
+
+    omit_when: ClassVar[dict[str, Any]] = {"gradient_checkpointing": False}  # off: as before the key existed
 
 
 class Selection(StrictModel):
@@ -173,7 +176,8 @@ class RunConfig(StrictModel):
 
     # auto model_dtype is recorded resolved in identity.model_dtype; attention auto is transformers'
     # default, as before; no device_map is the one device, as before (see StrictModel.omit_when).
-    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None}
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "auto", "attn_implementation": "auto", "device_map": None,
+                                           "select": None}
 
     def content_hash(self) -> str:
         """Identity of the run: sha256 of the canonical JSON of the resolved config (identity block

@@ -74,6 +74,8 @@ class LMParams(StrictModel):
     restrict_to_verbalizer: bool = Field(False, description="CE over the verbalizer logits only (default: full vocabulary, Mosbach)")
     calibration: Calibration = Field("none", description="of the LM-head scores at prediction: " + CALIBRATION_HELP)
 
+    omit_when: ClassVar[dict[str, Any]] = {"calibration": "none"}  # run ids from before the option
+
 
 class ObjectiveParams(HeadParams, InputParams, LMParams):
     """For methods that can train either objective (adaptive, lora)."""

@@ -15,6 +15,7 @@ prompt (``prefix_cache: false``; the tests check both agree).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -28,6 +29,8 @@ from .base import Method, Predictions, register
 
 class ZeroShotParams(StrictModel):
     calibration: Calibration = Field("none", description=CALIBRATION_HELP)
+
+    omit_when: ClassVar[dict[str, Any]] = {"calibration": "none"}  # run ids from before the option
 
 
 class ICLParams(ZeroShotParams):

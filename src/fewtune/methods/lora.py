@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -45,6 +47,8 @@ class LoRAOptions(ObjectiveParams):
     target_modules: list[str] | None = Field(None, description="module names to adapt (default: peft's mapping, e.g. q_proj, v_proj)")
     rslora: bool = Field(False, description="rank-stabilised LoRA (Kalajdzievski 2023): scale alpha/sqrt(r) instead of alpha/r")
     save_dir: str | None = Field(None, description="write the trained adapter (and head) here after training")
+
+    omit_when: ClassVar[dict[str, Any]] = {"rslora": False}  # off: LoRA run ids from before the option
 
 
 def default_targets(model: nn.Module) -> list[str]:
