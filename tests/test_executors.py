@@ -16,8 +16,8 @@ import pytest
 
 import executor_runners as runners
 from fewtune.errors import ConfigError
-from fewtune.executors import InProcessExecutor, SubprocessExecutor, make_executor
-from fewtune.store import Store
+from fewtune.study.executors import InProcessExecutor, SubprocessExecutor, make_executor
+from fewtune.study.store import Store
 from fewtune.study import expand, parse_study, run_study
 
 from conftest import REPO
@@ -116,7 +116,7 @@ def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> No
     """kill -9 of the study process: its run's process ends too, so it cannot write into a study
     that a new process resumes."""
     code = ("import sys; sys.path[:0] = {paths!r}; import executor_runners as r; "
-            "from fewtune.study import parse_study, run_study; from fewtune.executors import SubprocessExecutor; "
+            "from fewtune.study import parse_study, run_study; from fewtune.study.executors import SubprocessExecutor; "
             "run_study(parse_study({study!r}), {out!r}, show_progress=False, executor=SubprocessExecutor(r.hangs_mid_write, preload=[]))"
             ).format(paths=[str(Path(__file__).parent), str(REPO / "src")], study=FAKE, out=str(tmp_path))
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
@@ -188,7 +188,7 @@ def test_memory_meter_cuda_peaks_are_per_run() -> None:
     in-process executor has released memory between them."""
     import torch
 
-    from fewtune.executors import release_memory
+    from fewtune.study.executors import release_memory
     from fewtune.resources import ResourceMeter
 
     dev = torch.device("cuda")

@@ -23,7 +23,7 @@ def check_study_dir(out: Path) -> None:
     A directory holding other things (the user's own report.md…) is refused, not overwritten.
     A study is recognised by its database, its study.yaml, or its lock file (a study killed in
     its first instant may have left only the lock)."""
-    from .store import DB_NAME
+    from .study.store import DB_NAME
     from .study import LOCK_NAME, STUDY_FILE
 
     markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from .identity import guard_stale
-        from .executors import make_executor
+        from .study.executors import make_executor
         from .study import expand, load_study, run_study
 
         set_threads(threads)

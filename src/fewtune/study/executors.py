@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import FewtuneError
+from ..errors import FewtuneError
 
 if TYPE_CHECKING:
-    from .study import PlannedRun
+    from .config import PlannedRun
 
 Runner = Callable[..., Any]
 """``runner(config, out_dir, *, data_dir, progress)`` → an object with ``.metrics`` (or a mapping);
@@ -86,7 +86,7 @@ def outcome_of(run: Callable[[], Any]) -> RunOutcome:
 
 
 def _default_runner() -> Runner:
-    from .runner import run_experiment
+    from ..runner import run_experiment
 
     return run_experiment
 
@@ -258,8 +258,8 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
 
 def make_executor(kind: str, runner: Runner | None = None) -> Executor:
     """An executor by name (``--executor``)."""
-    from .errors import ConfigError
-    from .registry import unknown_hint
+    from ..errors import ConfigError
+    from ..registry import unknown_hint
 
     if kind == "subprocess":
         return SubprocessExecutor(runner)

@@ -46,12 +46,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .config import RunConfig, TrainConfig, resolve, validate
-from .errors import ConfigError, OutputError
-from .overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
+from ..config import RunConfig, TrainConfig, resolve, validate
+from ..errors import ConfigError, OutputError
+from ..overrides import Override, check_flag_conflicts, check_scopes, deep_merge, load_yaml_text, parse_overrides, set_path
 from .executors import Executor, RunOutcome, SubprocessExecutor
-from .registry import closest, unknown_hint
-from .atomic import write_atomic
+from ..registry import closest, unknown_hint
+from ..atomic import write_atomic
 from .store import RUNS_DIR, Store
 
 STUDY_KEYS = ("name", "description", "tasks", "methods", "claims")
@@ -169,7 +169,7 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
     base = {k: v for k, v in data.items() if k not in STUDY_KEYS}
     claims: list[dict[str, Any]] = []
     if data.get("claims") is not None:
-        from .claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
+        from ..claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims)
@@ -252,7 +252,7 @@ def _check_override(o: Override) -> Override:
 
 
 def _method_names() -> list[str]:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     return METHODS.names()
 
@@ -303,7 +303,7 @@ def _submodel(ann: Any) -> type[BaseModel] | None:
 
 
 def _params_model(method: str) -> type[BaseModel]:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     return METHODS.get(method).Params
 
@@ -343,7 +343,7 @@ def _entry_combos(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any]
 def _method_runs(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any], type[BaseModel], list[str] | None, str]]:
     """Per task × method entry × method: the run dict with ``--set`` overrides applied (still
     swept), the method's parameter model, the entry's task restriction and where it comes from."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     for ti, mi, merged, only, where in _entry_combos(study):
         for t in only or []:
@@ -410,7 +410,7 @@ def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] = reso
 def _check_task_name(spec: str, seen: dict[str, str]) -> None:
     """Two task specs (e.g. two custom YAML files) with the same ``name:`` would be merged in the
     report, which groups runs by task name (2 seeds counted as 4): refuse them."""
-    from .tasks import get_task
+    from ..tasks import get_task
 
     if spec in seen:
         return
