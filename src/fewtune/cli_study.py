@@ -23,8 +23,7 @@ def check_study_dir(out: Path) -> None:
     A directory holding other things (the user's own report.md…) is refused, not overwritten.
     A study is recognised by its database, its study.yaml, or its lock file (a study killed in
     its first instant may have left only the lock)."""
-    from .study.store import DB_NAME
-    from .study import LOCK_NAME, STUDY_FILE
+    from .study import DB_NAME, LOCK_NAME, STUDY_FILE
 
     markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
     if out.exists() and not out.is_dir():
@@ -60,20 +59,23 @@ def register(app: typer.Typer) -> None:
             "subprocess", "--executor",
             help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
                  "contained) or inprocess (one process; for debugging)"),
+        parallel: int = typer.Option(
+            1, "--parallel", help="run up to N runs at once (subprocess executor; each run gets threads/N torch threads)"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from rich.markup import escape
 
         from .identity import guard_stale
-        from .study.executors import make_executor
-        from .study import expand, load_study, run_study
+        from .study import expand, load_study, make_executor, run_study
+        from .study.executors import check_parallel
 
+        runs_in = make_executor(executor)
+        check_parallel(runs_in, parallel)
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
-        runs_in = make_executor(executor)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
@@ -89,7 +91,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                                console=console, planned=planned, executor=runs_in)
+                                console=console, planned=planned, executor=runs_in, parallel=parallel)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         c = outcome.counts

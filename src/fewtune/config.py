@@ -117,21 +117,3 @@ class RunConfig(StrictModel):
         included), i.e. of exactly what ``config.yaml`` holds."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill every default that depends on the task or method, validating both by name, and the
-    identity block (what else the result depends on: code version, task/model digests, device)."""
-    from .identity import compute_identity
-    from .methods import METHODS
-    from .tasks import get_task
-
-    task = get_task(cfg.task)
-    method_cls = METHODS.get(cfg.method)
-    pattern = task.pattern(cfg.pattern).name
-    eval_sets = list(cfg.eval_sets or task.default_eval_sets or task.eval_sets)
-    for name in eval_sets:
-        task.eval_split(name)
-    params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
-    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json")})
-    return out.model_copy(update={"identity": compute_identity(out)})
