@@ -155,14 +155,15 @@ def test_unknown_executor_is_a_user_error() -> None:
     assert "subprocess" in e.value.hint
 
 
-def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["sequential", "parallel"])
+def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path, parallel: list[str]) -> None:
     """A real run that fails inside its process (a model that does not exist) is recorded; the
     other run finishes; the CLI exits 1 without a traceback."""
     cfg = tmp_path / "s.yaml"
     cfg.write_text(json.dumps({"name": "f", "model": ["tiny-random", str(tmp_path / "no-such-model")], "task": "cola",
                                "method": "zero-shot", "eval_limit": 8}))
     env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report"],
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report", *parallel],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
