@@ -7,7 +7,7 @@ these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` pri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -35,6 +35,17 @@ def check_study_dir(out: Path) -> None:
             raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
                               "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
     ensure_writable_dir(out)
+
+
+def print_summary(outcome: Any, console: Console) -> None:
+    """What this call did and where the study stands (``outcome``: a ``StudyOutcome``)."""
+    c = outcome.counts
+    console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
+                  f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
+                  + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
+                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
+    console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
+                  f"{c.get('pending', 0)} pending")
 
 
 def register(app: typer.Typer) -> None:
@@ -94,13 +105,8 @@ def register(app: typer.Typer) -> None:
                                 console=console, planned=planned, executor=runs_in, parallel=parallel)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
+        print_summary(outcome, console)
         c = outcome.counts
-        console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
-                      f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
-                      + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
-                      + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
-        console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
-                      f"{c.get('pending', 0)} pending")
         if report and c.get("done", 0):
             from .report import write_report
 
