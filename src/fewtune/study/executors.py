@@ -313,11 +313,12 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"subprocess": SubprocessExecutor, "inprocess": InProcessExecutor}
-"""``--executor`` names → a factory called as ``factory(runner)`` (``runner`` None: the real one)."""
+"""``--executor`` names → a factory called as ``factory(runner, **options)`` (``runner`` None: the
+real one). An executor with optional dependencies registers a function that imports them."""
 
 
-def make_executor(kind: str, runner: Runner | None = None) -> Executor:
-    """An executor by name (``--executor``)."""
+def make_executor(kind: str, runner: Runner | None = None, **options: Any) -> Executor:
+    """An executor by name (``--executor``); ``options`` are its own settings (none for these two)."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor '{kind}'", unknown_hint(kind, list(EXECUTORS)))
-    return EXECUTORS[kind](runner)
+    return EXECUTORS[kind](runner, **options)
