@@ -15,6 +15,7 @@ than sequential.
 
     python bench/bench_executors.py                          # 12 runs per executor
     python bench/bench_executors.py --quick                  # 2 runs, 2 steps: a smoke run
+    python bench/bench_executors.py --quick --model tiny-random --no-write   # does the bench work?
     python bench/bench_executors.py --executors inprocess,subprocess:2 --runs 6
 """
 
@@ -57,6 +58,7 @@ def run_study(spec: tuple[str, int], out: Path, args, threads: int) -> float:
            "--set", f"eval_limit={args.eval_limit}", "--out", str(out), "--executor", spec[0], "--parallel", str(spec[1]),
            "--threads", str(threads)]
     cmd += ["--set", "train.max_steps=2"] if args.quick else []
+    cmd += ["--set", f"model={args.model}"] if args.model else []
     env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": str(threads), "FEWTUNE_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=None, help="the first K runs of quick --seeds 0 (default 12; --quick: 2)")
     p.add_argument("--eval-limit", type=int, default=32, help="eval examples per eval set (preset: 128)")
     p.add_argument("--repeats", type=int, default=1, help="repetitions per executor (alternating order)")
+    p.add_argument("--model", default=None, help="replace the preset's model (e.g. tiny-random: a check that the bench works)")
     args = p.parse_args()
     args.runs = args.runs or (2 if args.quick else 12)
     specs = parse_executors(args.executors)
@@ -130,7 +133,8 @@ def main() -> None:
         times, own, evals = measure(specs, args, threads, Path(d))
     load_after = load_average()
     same = all(evals[s] == evals[specs[0]] for s in specs)
-    body = f"""Slice: the first {args.runs} runs of `fewtune study quick --seeds 0 --set eval_limit={args.eval_limit}`
+    model = f" --set model={args.model}" if args.model else ""
+    body = f"""Slice: the first {args.runs} runs of `fewtune study quick --seeds 0 --set eval_limit={args.eval_limit}{model}`
 ({'2 training steps (`--quick`)' if args.quick else "the preset's 12 steps"}); each executor in a fresh `fewtune study`
 process with {threads} torch thread(s) (with `--parallel N`, each run gets {threads}/N); {args.repeats} repetition(s),
 alternated.
