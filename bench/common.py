@@ -166,7 +166,7 @@ def build_method(cfg, lm=None):
     """A method ready to ``fit``, prepared exactly as ``runner.run_experiment`` prepares it
     (resolved config, few-shot sample, model, verbalizer, precision); returns (method, sample
     examples). Lets a benchmark time ``fit`` alone, without evaluation or file writing."""
-    from fewtune.config import resolve
+    from fewtune.resolve import resolve
     from fewtune.methods import METHODS, RunContext
     from fewtune.models import device, load_model, resolve_precision
     from fewtune.prompts import verbalizer_token_ids

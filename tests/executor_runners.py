@@ -65,3 +65,24 @@ def hangs_mid_write(cfg, out_dir: Path, *, data_dir=None, progress=None):
 
 def write_fake_runner(cfg, out_dir: Path, *, data_dir=None, progress=None):
     return write_fake(cfg, out_dir)
+
+
+def slow_logged(cfg, out_dir: Path, *, data_dir=None, progress=None):
+    """Takes a while (FEWTUNE_TEST_RUN_S seconds), and logs to ``<study>/events.log`` when it
+    starts (with its pid) and when its result is complete — what a test of interruption and
+    resumption counts — plus the torch threads it was given."""
+    import torch
+
+    log = out_dir.parent.parent / "events.log"
+
+    def event(kind: str) -> None:
+        with open(log, "a") as f:  # one short write per line: whole lines even from parallel runs
+            f.write(f"{kind} {out_dir.name} {os.getpid()} {time.time():.3f}\n")
+
+    event("start")
+    time.sleep(float(os.environ.get("FEWTUNE_TEST_RUN_S", "1")))
+    result = write_fake(cfg, out_dir)
+    result.metrics["threads"] = torch.get_num_threads()
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics))
+    event("end")
+    return result

@@ -1,6 +1,7 @@
 import pytest
 
-from fewtune.config import RunConfig, TrainConfig, resolve, validate
+from fewtune.config import RunConfig, TrainConfig, validate
+from fewtune.resolve import resolve
 from fewtune.errors import ConfigError
 from fewtune.overrides import apply, parse_overrides
 

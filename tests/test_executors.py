@@ -16,8 +16,8 @@ import pytest
 
 import executor_runners as runners
 from fewtune.errors import ConfigError
-from fewtune.executors import InProcessExecutor, SubprocessExecutor, make_executor
-from fewtune.store import Store
+from fewtune.study.executors import InProcessExecutor, SubprocessExecutor, make_executor
+from fewtune.study.store import Store
 from fewtune.study import expand, parse_study, run_study
 
 from conftest import REPO
@@ -116,7 +116,7 @@ def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> No
     """kill -9 of the study process: its run's process ends too, so it cannot write into a study
     that a new process resumes."""
     code = ("import sys; sys.path[:0] = {paths!r}; import executor_runners as r; "
-            "from fewtune.study import parse_study, run_study; from fewtune.executors import SubprocessExecutor; "
+            "from fewtune.study import parse_study, run_study; from fewtune.study.executors import SubprocessExecutor; "
             "run_study(parse_study({study!r}), {out!r}, show_progress=False, executor=SubprocessExecutor(r.hangs_mid_write, preload=[]))"
             ).format(paths=[str(Path(__file__).parent), str(REPO / "src")], study=FAKE, out=str(tmp_path))
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
@@ -155,14 +155,15 @@ def test_unknown_executor_is_a_user_error() -> None:
     assert "subprocess" in e.value.hint
 
 
-def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["sequential", "parallel"])
+def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path, parallel: list[str]) -> None:
     """A real run that fails inside its process (a model that does not exist) is recorded; the
     other run finishes; the CLI exits 1 without a traceback."""
     cfg = tmp_path / "s.yaml"
     cfg.write_text(json.dumps({"name": "f", "model": ["tiny-random", str(tmp_path / "no-such-model")], "task": "cola",
                                "method": "zero-shot", "eval_limit": 8}))
     env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report"],
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report", *parallel],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
@@ -188,7 +189,7 @@ def test_memory_meter_cuda_peaks_are_per_run() -> None:
     in-process executor has released memory between them."""
     import torch
 
-    from fewtune.executors import release_memory
+    from fewtune.study.executors import release_memory
     from fewtune.resources import ResourceMeter
 
     dev = torch.device("cuda")

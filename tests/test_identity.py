@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from fewtune import identity
-from fewtune.config import RunConfig, TrainConfig, resolve
+from fewtune.config import RunConfig, TrainConfig
+from fewtune.resolve import resolve
 
 TASK_YAML = """\
 name: idtask

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fewtune import embedded
-from fewtune.config import RunConfig, resolve
+from fewtune.config import RunConfig
+from fewtune.resolve import resolve
 from fewtune.errors import ConfigError
 from fewtune.models import load_model, resolve_model_dtype
 

@@ -13,7 +13,7 @@ from test_stats import make_run
 
 from fewtune import report as rp
 from fewtune.errors import ConfigError
-from fewtune.store import Store
+from fewtune.study.store import Store
 
 SECTIONS = ["Warnings", "Claims of the study", "Results", "Plots", "Paired comparisons with vanilla fine-tuning",
             "ID vs OOD gap", "Resources", "Failed runs", "Statistical method", "How to read this report"]

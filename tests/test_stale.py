@@ -12,12 +12,12 @@ import pytest
 
 from executor_runners import write_fake
 
-from fewtune.executors import InProcessExecutor
+from fewtune.study.executors import InProcessExecutor
 from fewtune import identity
 from fewtune.errors import ConfigError
 from fewtune.identity import guard_stale, stale_in_study
 from fewtune.report import _warnings, load_study_data
-from fewtune.store import Store
+from fewtune.study.store import Store
 from fewtune.study import expand, parse_study, run_study
 
 STUDY = {"name": "stale", "model": "tiny-random", "task": "cola", "seed": [0, 1], "methods": ["icl", "zero-shot"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fewtune.errors import ConfigError
-from fewtune.store import DB_NAME, Store
+from fewtune.study.store import DB_NAME, Store
 
 
 def _cfg(task: str = "cola", method: str = "icl", n: int = 16, seed: int = 0) -> dict:

@@ -18,8 +18,8 @@ import yaml
 from executor_runners import write_fake
 
 from fewtune.errors import ConfigError
-from fewtune.executors import InProcessExecutor
-from fewtune.store import Store
+from fewtune.study.executors import InProcessExecutor
+from fewtune.study.store import Store
 from fewtune.study import (
     expand,
     load_study,

@@ -7,7 +7,7 @@ these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` pri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -23,8 +23,7 @@ def check_study_dir(out: Path) -> None:
     A directory holding other things (the user's own report.md…) is refused, not overwritten.
     A study is recognised by its database, its study.yaml, or its lock file (a study killed in
     its first instant may have left only the lock)."""
-    from .store import DB_NAME
-    from .study import LOCK_NAME, STUDY_FILE
+    from .study import DB_NAME, LOCK_NAME, STUDY_FILE
 
     markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
     if out.exists() and not out.is_dir():
@@ -36,6 +35,17 @@ def check_study_dir(out: Path) -> None:
             raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
                               "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
     ensure_writable_dir(out)
+
+
+def print_summary(outcome: Any, console: Console) -> None:
+    """What this call did and where the study stands (``outcome``: a ``StudyOutcome``)."""
+    c = outcome.counts
+    console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
+                  f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
+                  + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
+                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
+    console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
+                  f"{c.get('pending', 0)} pending")
 
 
 def register(app: typer.Typer) -> None:
@@ -60,20 +70,23 @@ def register(app: typer.Typer) -> None:
             "subprocess", "--executor",
             help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
                  "contained) or inprocess (one process; for debugging)"),
+        parallel: int = typer.Option(
+            1, "--parallel", help="run up to N runs at once (subprocess executor; each run gets threads/N torch threads)"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from rich.markup import escape
 
         from .identity import guard_stale
-        from .executors import make_executor
-        from .study import expand, load_study, run_study
+        from .study import expand, load_study, make_executor, run_study
+        from .study.executors import check_parallel
 
+        runs_in = make_executor(executor)
+        check_parallel(runs_in, parallel)
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
-        runs_in = make_executor(executor)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
@@ -89,16 +102,11 @@ def register(app: typer.Typer) -> None:
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                                console=console, planned=planned, executor=runs_in)
+                                console=console, planned=planned, executor=runs_in, parallel=parallel)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
+        print_summary(outcome, console)
         c = outcome.counts
-        console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
-                      f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
-                      + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
-                      + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
-        console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
-                      f"{c.get('pending', 0)} pending")
         if report and c.get("done", 0):
             from .report import write_report
 

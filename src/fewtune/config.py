@@ -184,30 +184,3 @@ class RunConfig(StrictModel):
         included), i.e. of exactly what ``config.yaml`` holds (``result_dump``)."""
         blob = json.dumps(self.result_dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-EVAL_BATCH_AUTO = {"cpu": 16, "cuda": 64}
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill every default that depends on the task or method, validating both by name, and the
-    identity block (what else the result depends on: code version, task/model digests, device)."""
-    from .identity import compute_identity
-    from .methods import METHODS
-    from .models import check_load_options, device
-    from .selection import check_selection
-    from .tasks import get_task
-
-    task = get_task(cfg.task)
-    method_cls = METHODS.get(cfg.method)
-    pattern = task.pattern(cfg.pattern).name
-    eval_sets = list(cfg.eval_sets or task.default_eval_sets or task.eval_sets)
-    for name in eval_sets:
-        task.eval_split(name)
-    params = validate(method_cls.Params, cfg.params, where=f"params of method '{cfg.method}'")
-    check_load_options(cfg.method, cfg.attn_implementation, cfg.device_map)
-    eval_batch = cfg.eval_batch_size if cfg.eval_batch_size != "auto" else EVAL_BATCH_AUTO.get(device().type, 16)
-    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json"),
-                                 "eval_batch_size": eval_batch})
-    check_selection(out)  # candidates valid and selectable, before anything runs
-    return out.model_copy(update={"identity": compute_identity(out)})

@@ -35,7 +35,7 @@ from typing import Any
 
 from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
 from .errors import ConfigError, DataError
-from .store import DB_NAME, RunRecord, Store
+from .study.store import DB_NAME, RunRecord, Store
 
 
 def fewtune_version() -> str:

@@ -310,15 +310,13 @@ def resolve_model_dtype(requested: str, method: str, dev: torch.device | None = 
 
 
 def check_load_options(method: str, attn_implementation: str, device_map: str | None) -> None:
-    """Refuse load options that cannot work, before any run starts (``config.resolve``)."""
+    """Refuse load options that cannot work, before any run starts (``fewtune.resolve``)."""
     if device_map is not None and not frozen_base(method):
         raise ConfigError(
             f"device_map={device_map!r} is only allowed for methods that keep the base weights frozen "
             f"(zero-shot, icl, lora); method '{method}' updates them",
             "leave device_map unset (the model is placed on the one device), or use method lora")
     if attn_implementation == "flash_attention_2":
-        import importlib.util
-
         if device().type != "cuda" or importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("attn_implementation 'flash_attention_2' needs a CUDA GPU and the flash-attn package",
                               "use attn_implementation auto or sdpa (or pip install flash-attn on a CUDA machine)")

@@ -39,7 +39,7 @@ from .report_claims import CLAIMS_CSV_HEADER, add_claims_section, add_method_sec
 from .resample import Scores, check_complete, read_predictions, scores_from
 from .errors import ConfigError, DataError, FewtuneError
 from .identity import stale_runs
-from .store import RunRecord, Store, rebuild_hint
+from .study.store import RunRecord, Store, rebuild_hint
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"

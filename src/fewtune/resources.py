@@ -3,7 +3,7 @@
 Peak memory on CPU is the process's resident-set high-water mark (VmHWM). Linux lets a process
 reset it (``echo 5 > /proc/self/clear_refs``), so each run in a long-lived study process gets its
 own peak rather than the largest of all runs so far — but memory the allocator kept from earlier
-runs still counts, which is why studies run each run in a fresh process (``fewtune.executors``).
+runs still counts, which is why studies run each run in a fresh process (``fewtune.study.executors``).
 On GPU it is ``max_memory_allocated`` (tensors), and the caching allocator's reserved peak
 (``max_memory_reserved``: what the device really had to provide) is recorded beside it; both are
 reset when the meter starts.

@@ -23,7 +23,8 @@ import yaml
 
 from . import distributed
 from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error
-from .config import RunConfig, resolve
+from .config import RunConfig
+from .resolve import resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
 from .methods import METHODS, Method, Predictions, RunContext
 from .metrics import accuracy, eval_set_metrics, loss_collapse, mcc

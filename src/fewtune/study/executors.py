@@ -2,7 +2,8 @@
 
 A study hands an executor one planned run (its id and resolved config) and the directory the run
 writes into; the executor returns a ``RunOutcome`` (the run's metrics, or its error as text). The
-study alone reads and writes ``study.db``. Run ids and results do not depend on the executor.
+study alone reads and writes ``study.db``. Run ids and results do not depend on the executor, nor
+on how many runs execute at once (``--parallel``: the study calls ``run`` from that many threads).
 
 - ``SubprocessExecutor`` (the default) runs every run in a fresh process. Memory figures are then
   the run's own: in one long-lived process the allocator keeps memory freed by earlier runs, and
@@ -12,7 +13,8 @@ study alone reads and writes ``study.db``. Run ids and results do not depend on 
   transformers and fewtune once (the standard library's ``forkserver`` start method).
 - ``InProcessExecutor`` runs in the study's own process (tests, debugging with a debugger).
 
-Another executor (e.g. Ray) is one more subclass of ``Executor`` with its own ``run``.
+Another executor (e.g. Ray) is one more subclass of ``Executor`` (``run``, and ``interrupt`` when
+it can hold several runs at once), registered in ``EXECUTORS``.
 """
 
 from __future__ import annotations
@@ -26,20 +28,21 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import FewtuneError
+from ..errors import ConfigError, FewtuneError
+from ..registry import unknown_hint
 
 if TYPE_CHECKING:
-    from .study import PlannedRun
+    from .expand import PlannedRun
 
 Runner = Callable[..., Any]
 """``runner(config, out_dir, *, data_dir, progress)`` → an object with ``.metrics`` (or a mapping);
 ``fewtune.runner.run_experiment`` by default. Injectable so tests can stand in for real runs."""
 
-EXECUTORS = ("subprocess", "inprocess")
 # Imported once by the fork server, so that each run's process starts with them in memory (the
 # embedded model is a Llama: its modeling code is imported lazily by transformers otherwise).
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "fewtune.runner"]
@@ -86,21 +89,29 @@ def outcome_of(run: Callable[[], Any]) -> RunOutcome:
 
 
 def _default_runner() -> Runner:
-    from .runner import run_experiment
+    from ..runner import run_experiment
 
     return run_experiment
 
 
 class Executor:
-    """Runs planned runs somewhere; a context manager so it can hold workers between runs."""
+    """Runs planned runs somewhere; a context manager so it can hold workers between runs.
+
+    The study calls ``start(parallel)`` once, then ``run`` for each run — from ``parallel``
+    threads at once when ``parallel`` > 1, so ``run`` must then be thread-safe — and, on Ctrl-C,
+    ``interrupt()`` from its own thread while runs are in flight."""
 
     name = "executor"
+    max_parallel: int | None = None  # the most runs it can hold at once; None: no limit of its own
 
     def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start(self, parallel: int = 1) -> None:
+        """Prepare for up to ``parallel`` runs at once (nothing to prepare by default)."""
 
     def close(self) -> None:
         """Release workers (nothing to release by default)."""
@@ -110,6 +121,19 @@ class Executor:
         outcome. Raises KeyboardInterrupt when interrupted, after stopping the run."""
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """Stop every run in flight: each ``run`` call stops its run (no half-written directory
+        left) and raises KeyboardInterrupt soon. Called from another thread than ``run``'s."""
+
+
+def check_parallel(executor: Executor, parallel: int) -> None:
+    """``--parallel`` must be at least 1 and within what the executor can hold (a usage error)."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"--parallel must be a whole number of runs at least 1, got {parallel!r}", "e.g. --parallel 2")
+    if executor.max_parallel is not None and parallel > executor.max_parallel:
+        raise ConfigError(f"--executor {executor.name} runs at most {executor.max_parallel} run(s) at once, not --parallel {parallel}",
+                          "use --executor subprocess for parallel runs (each in its own process)")
+
 
 class InProcessExecutor(Executor):
     """Every run in the calling process, one after another (tests, debugging). Peak memory figures
@@ -117,6 +141,7 @@ class InProcessExecutor(Executor):
     runs and the meter resets the peak, so GPU figures stay per run."""
 
     name = "inprocess"
+    max_parallel = 1  # runs share the process (and its torch threads, its allocator, pdb)
 
     def __init__(self, runner: Runner | None = None) -> None:
         self.runner = runner or _default_runner()
@@ -141,7 +166,9 @@ class SubprocessExecutor(Executor):
     """Every run in its own fresh process, forked from a fork server with ``PRELOAD`` imported.
 
     ``runner`` must be picklable (a module-level function). A process that dies without a result
-    (a signal, ``os._exit``) is a failed run whose error names the signal."""
+    (a signal, ``os._exit``) is a failed run whose error names the signal. With ``parallel`` runs
+    at once, each run's process gets ``max(1, threads // parallel)`` torch threads, so that the
+    runs together use the threads one run would have."""
 
     name = "subprocess"
 
@@ -149,20 +176,48 @@ class SubprocessExecutor(Executor):
         self.runner = runner  # None: the child uses run_experiment (not pickled, already preloaded)
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD if preload is None else preload)
+        self._threads: int | None = None
+        self._lock = threading.Lock()
+        self._wake: tuple[int, int] | None = None  # a pipe written by interrupt(): readable = stop now
+        self._interrupted = threading.Event()
 
-    def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
+    def start(self, parallel: int = 1) -> None:
         import torch
 
+        self.close()
+        self._threads = max(1, torch.get_num_threads() // parallel)
+        self._interrupted.clear()
+        self._wake = os.pipe()
+
+    def close(self) -> None:
+        wake, self._wake = self._wake, None
+        for fd in wake or ():
+            with suppress(OSError):
+                os.close(fd)
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+        if self._wake is not None:
+            with suppress(OSError):
+                os.write(self._wake[1], b"x")
+
+    def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
+        threads = self._threads
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
         result_r, result_w = self._ctx.Pipe(duplex=False)
         life_r, life_w = self._ctx.Pipe(duplex=False)  # the parent holds life_w: EOF = parent gone
         proc = self._ctx.Process(
             target=_child_main, name=f"fewtune-run-{planned.run_id}",
-            args=(result_w, life_r, self.runner, planned.config, Path(run_dir), data_dir, torch.get_num_threads()))
+            args=(result_w, life_r, self.runner, planned.config, Path(run_dir), data_dir, threads))
         try:
-            proc.start()
+            with self._lock:  # one fork-server request at a time
+                proc.start()
             result_w.close()
             life_r.close()
-            return _await(proc, result_r)
+            return self._await(proc, result_r)
         except BaseException:  # Ctrl-C (or any error here): never leave the run's process behind
             _stop(proc)
             _remove_partial(Path(run_dir))
@@ -171,20 +226,21 @@ class SubprocessExecutor(Executor):
             result_r.close()
             life_w.close()
 
-
-def _await(proc: Any, result_r: mpc.Connection) -> RunOutcome:
-    """Wait for the child's outcome or its death, whichever comes first."""
-    mpc.wait([result_r, proc.sentinel])
-    outcome = None
-    if result_r.poll():
-        try:
-            outcome = result_r.recv()
-        except EOFError:  # closed without a result: the process died
-            pass
-    proc.join(STOP_GRACE_S)
-    if proc.is_alive():  # sent its result but hangs on exit
-        _stop(proc)
-    return outcome if outcome is not None else died(proc.exitcode)
+    def _await(self, proc: Any, result_r: mpc.Connection) -> RunOutcome:
+        """Wait for the child's outcome, its death, or ``interrupt()``, whichever comes first."""
+        mpc.wait([result_r, proc.sentinel, *(self._wake[:1] if self._wake else ())])
+        if self._interrupted.is_set():
+            raise KeyboardInterrupt
+        outcome = None
+        if result_r.poll():
+            try:
+                outcome = result_r.recv()
+            except EOFError:  # closed without a result: the process died
+                pass
+        proc.join(STOP_GRACE_S)
+        if proc.is_alive():  # sent its result but hangs on exit
+            _stop(proc)
+        return outcome if outcome is not None else died(proc.exitcode)
 
 
 def died(exitcode: int | None) -> RunOutcome:
@@ -256,13 +312,13 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
         result_w.send(RunOutcome(error=f"could not return the run's result: {format_error(e)}", error_type=type(e).__name__))
 
 
-def make_executor(kind: str, runner: Runner | None = None) -> Executor:
-    """An executor by name (``--executor``)."""
-    from .errors import ConfigError
-    from .registry import unknown_hint
+EXECUTORS: dict[str, Callable[..., Executor]] = {"subprocess": SubprocessExecutor, "inprocess": InProcessExecutor}
+"""``--executor`` names → a factory called as ``factory(runner, **options)`` (``runner`` None: the
+real one). An executor with optional dependencies registers a function that imports them."""
 
-    if kind == "subprocess":
-        return SubprocessExecutor(runner)
-    if kind == "inprocess":
-        return InProcessExecutor(runner)
-    raise ConfigError(f"unknown executor '{kind}'", unknown_hint(kind, list(EXECUTORS)))
+
+def make_executor(kind: str, runner: Runner | None = None, **options: Any) -> Executor:
+    """An executor by name (``--executor``); ``options`` are its own settings (none for these two)."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"unknown executor '{kind}'", unknown_hint(kind, list(EXECUTORS)))
+    return EXECUTORS[kind](runner, **options)
