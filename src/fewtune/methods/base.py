@@ -82,6 +82,8 @@ class Method(ABC):
     Params: ClassVar[type[StrictModel]] = NoParams
     # Whether ``fit`` updates weights; a method that trains nothing reports 0 trainable parameters.
     trains: ClassVar[bool] = True
+    # Whether predictions depend on the few-shot sample (zero-shot: no, so its n is reported as n/a).
+    uses_sample: ClassVar[bool] = True
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

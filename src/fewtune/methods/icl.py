@@ -34,6 +34,7 @@ class ZeroShot(Method):
     name = "zero-shot"
     summary = "the pattern alone, no demonstrations, no training"
     trains = False
+    uses_sample = False
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
         ctx = self.ctx
