@@ -124,6 +124,9 @@ def methods() -> None:
 
 
 def _register_optional_commands() -> None:
+    from . import cli_results
+
+    cli_results.register(app)
     try:
         from . import cli_study
     except ImportError:

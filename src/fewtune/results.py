@@ -27,6 +27,7 @@ RUN_COLUMNS = ["run_id", "status", "model", "task", "method", "arm", "params", "
                "accuracy", "mcc", "majority_baseline", "majority_label", "n_eval", "n_skipped", "peak_memory_mb", "memory_kind",
                "trainable_params", "total_params", "train_seconds", "eval_seconds", "collapsed", "warning", "selection", "error",
                "run_dir"]
+_INT_COLUMNS = ("n", "seed", "n_eval", "n_skipped", "trainable_params", "total_params")
 _DICT_FIELDS = ("per_label", "groups")  # nested per-label/per-group metrics: in metrics.json, not in the flat table
 
 
@@ -172,8 +173,9 @@ def load_runs(source: Path | str | Sequence[Path | str]) -> pd.DataFrame:
     ``source``: a study directory (``fewtune study --out``) or run directories. Columns: ``RUN_COLUMNS``
     (``n_applies`` False: the method ignores n, e.g. zero-shot; ``selection``: the hyper-parameters a
     selection rule chose, JSON). Plan order is kept."""
-    frame = pd.DataFrame(_run_rows(collect(source)))
-    return frame.reindex(columns=RUN_COLUMNS)
+    frame = pd.DataFrame(_run_rows(collect(source))).reindex(columns=RUN_COLUMNS)
+    # Counts stay integers where failed runs leave them empty (nullable Int64, not float).
+    return frame.astype({c: "Int64" for c in _INT_COLUMNS})
 
 
 def to_eval_rows(frame: pd.DataFrame) -> list[st.EvalRow]:
@@ -182,8 +184,9 @@ def to_eval_rows(frame: pd.DataFrame) -> list[st.EvalRow]:
     done = frame[(frame["status"] == "done") & frame["eval_set"].notna()]
     out = []
     for rec in done[names].to_dict("records"):
-        clean = {k: (None if isinstance(v, float) and v != v and k not in ("accuracy", "mcc", "majority_baseline") else v)
-                 for k, v in rec.items()}
+        clean = {k: (None if pd.isna(v) and k not in ("accuracy", "mcc", "majority_baseline") else v) for k, v in rec.items()}
+        clean.update({k: float("nan") for k in ("accuracy", "mcc", "majority_baseline") if pd.isna(clean[k])})
+        clean.update({k: int(clean[k]) for k in ("trainable_params", "total_params") if clean[k] is not None})
         clean["n"], clean["seed"], clean["n_eval"], clean["n_skipped"] = (int(clean[k]) for k in ("n", "seed", "n_eval", "n_skipped"))
         out.append(st.EvalRow(**clean))
     return out
