@@ -136,7 +136,7 @@ def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], se
     if len(scored) > 1:
         text += "; " + significance(_pair(ctx, model, task, best.n, es, best.arm, scored[1].arm), scored[1], domain)
     lines.append(text + ".")
-    for attr, what, unit in (("memory", "least memory", "MB"), ("trainable", "fewest trainable parameters", "")):
+    for attr, what, unit in (("memory", "least memory", " MB"), ("trainable", "fewest trainable parameters", "")):
         within = [a for a in scored if a.mean(domain) >= best.mean(domain) - WITHIN and math.isfinite(getattr(a, attr))]
         if not within:
             continue
@@ -145,7 +145,7 @@ def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], se
             lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: the best itself ({best.arm}).")
             continue
         lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: **{pick.arm}** "
-                     f"({getattr(pick, attr):,.0f} {unit} vs {getattr(best, attr):,.0f}; {pick.mean(domain):.3f}); "
+                     f"({getattr(pick, attr):,.0f}{unit} vs {getattr(best, attr):,.0f}{unit}; {pick.mean(domain):.3f}); "
                      + significance(_pair(ctx, model, task, best.n, es, best.arm, pick.arm), best, domain) + ".")
     return lines
 
