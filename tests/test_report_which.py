@@ -61,6 +61,8 @@ def test_a_clear_winner_is_called_significant(tmp_path: Path) -> None:
 def test_all_at_the_majority_baseline_recommends_more_data_or_a_larger_model(tmp_path: Path) -> None:
     runs = [make_run("cola", m, 16, s, (0.69 + 0.002 * s, 0.686), memory=500 + 100 * i) for i, m in enumerate(("vanilla", "lora"))
             for s in range(3)]
+    # significantly *below* the baseline (a collapsed fine-tuning, say) does not beat it either
+    runs += [make_run("cola", "pbft", 16, s, (0.30 + 0.01 * s, 0.31), n_eval=1000) for s in range(3)]
     md = _which(build_study(tmp_path, runs, claims=()))
     assert "n=16: None of these beats the majority baseline at this n and model (tiny-random)" in md
     assert "More examples or a larger model." in md and "Best OOD accuracy" not in md

@@ -110,9 +110,10 @@ def significance(test: st.PairedTest | None, other: ArmResult, domain: str) -> s
             f"seeds, p={fmt_p(test.t_p)}): at this number of seeds the data cannot tell them apart")
 
 
-def _at_baseline(arms: Sequence[ArmResult], domain: str) -> bool:
+def _none_beats_baseline(arms: Sequence[ArmResult], domain: str) -> bool:
+    """No arm is significantly above the majority baseline (each is indistinguishable from it, or below)."""
     cells = [a.cell(domain) for a in arms if a.cell(domain) is not None and a.cell(domain).stats.count]
-    return bool(cells) and all(c.at_baseline for c in cells)
+    return bool(cells) and all(c.at_baseline or c.stats.mean <= c.baseline for c in cells)
 
 
 def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> list[str]:
@@ -121,12 +122,12 @@ def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], se
     domains = [d for d in ("ood", "id") if sets[d] and any(math.isfinite(a.mean(d)) for a in arms)]
     if not domains:
         return []
-    if all(_at_baseline(arms, d) for d in domains):
+    if all(_none_beats_baseline(arms, d) for d in domains):
         return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
                 "always predicting the most frequent label. More examples or a larger model."]
     lines = []
     domain = domains[0]
-    if _at_baseline(arms, domain) and len(domains) > 1:
+    if _none_beats_baseline(arms, domain) and len(domains) > 1:
         lines.append(f"Out of domain ({sets[domain]}) no method beats the majority baseline (or chance); ranked by in-domain accuracy instead.")
         domain = domains[1]
     label, es = domain.upper(), sets[domain]
