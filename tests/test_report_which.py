@@ -84,7 +84,10 @@ def test_models_of_different_sizes_in_the_study_order(tmp_path: Path) -> None:
     runs = _tradeoff_study(tmp_path, model="smollm2-135m") + _tradeoff_study(tmp_path, model="gemma3-270m")
     md = _which(build_study(tmp_path, runs, claims=()))
     heads = [l for l in md.splitlines() if l.startswith("### ")]
-    assert heads == ["### smollm2-135m · cola", "### gemma3-270m · cola"]
+    assert heads == ["### smollm2-135m · cola", "### gemma3-270m · cola", "### Models side by side · cola"]
+    side = _rows(md, "cola: OOD accuracy · peak memory, per model")
+    assert list(side["lora@16"])[2:] == ["smollm2-135m", "gemma3-270m"]
+    assert side["lora@16"]["gemma3-270m"].endswith("· 500 MB") and side["pbft@16"]["smollm2-135m"].endswith("· 1200 MB")
     assert md.count("Best OOD accuracy") == 2
 
 

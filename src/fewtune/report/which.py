@@ -169,6 +169,21 @@ def _table(doc: Doc, task: str, arms: Sequence[ArmResult], sets: dict[str, str |
     doc.table(header, rows, caption=f"{task}: methods at a glance")
 
 
+def models_side_by_side(doc: Doc, task: str, by_model: dict[str, list[ArmResult]], domain: str) -> None:
+    """One row per method arm and n, one column per model: the same question asked of each model size."""
+    models = list(by_model)
+    keys = list(dict.fromkeys((a.arm, a.n, a.n_applies) for arms in by_model.values() for a in arms))
+    rows = []
+    for arm, n, applies in keys:
+        line = [arm, fmt_n(n, applies)]
+        for m in models:
+            a = next((a for a in by_model[m] if a.arm == arm and a.n == n), None)
+            c = a.cell(domain) if a else None
+            line.append(f"{fmt_summary(c.stats)} · {_fmt(a.memory, '.0f')} MB" if c is not None and a is not None else "–")
+        rows.append(line)
+    doc.table(["method", "n", *models], rows, caption=f"{task}: {domain.upper()} accuracy · peak memory, per model")
+
+
 def which_method(ctx: Context) -> Doc:
     doc = Doc()
     doc.h(2, "Which method")
@@ -179,6 +194,7 @@ def which_method(ctx: Context) -> Doc:
           "majority baseline; costs are means per run. ★ = Pareto-optimal in accuracy (OOD where there is an OOD set) vs peak "
           "memory among the methods at the same n. Recommendations compare methods at the same n, on the same few-shot "
           f"samples (paired t-test over data seeds, α = {st.ALPHA}).")
+    per_task: dict[str, dict[str, tuple[list[ArmResult], str]]] = {}
     for model, task in ctx.models_tasks():
         sets_all = eval_sets_ordered(ctx.rows, model, task)
         dom = {r.eval_set: r.domain for r in ctx.rows if r.model == model and r.task == task}
@@ -193,4 +209,9 @@ def which_method(ctx: Context) -> Doc:
             label = f"n={n}" if any(a.n_applies for a in group) else "n/a"
             items += [f"{label}: {line}" for line in recommend(ctx, model, task, group, sets)]
         doc.items(items)
+        per_task.setdefault(task, {})[model] = (arms, "ood" if sets["ood"] else "id")
+    for task, by_model in per_task.items():
+        if len(by_model) > 1:
+            doc.h(3, f"Models side by side · {task}")
+            models_side_by_side(doc, task, {m: v[0] for m, v in by_model.items()}, next(iter(by_model.values()))[1])
     return doc
