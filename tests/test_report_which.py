@@ -69,13 +69,18 @@ def test_all_at_the_majority_baseline_recommends_more_data_or_a_larger_model(tmp
 
 
 def test_zero_shot_n_is_na_and_selection_is_shown(tmp_path: Path) -> None:
+    from fewtune.report.sections import results
+
     runs = [make_run("cola", m, 16, s, (0.8, 0.7), n_eval=1000) for m in ("zero-shot", "vanilla") for s in range(2)]
     for _, cfg, metrics in runs:
         if cfg["method"] == "vanilla":
             metrics["selection"] = {"rule": "kfold", "k": 2, "metric": "accuracy",
                                     "candidates": [{"values": {"train.lr": 1e-5}, "cv_score": 0.6}, {"values": {"train.lr": 1e-4}, "cv_score": 0.7}],
                                     "chosen": {"train.lr": 1e-4}}
-    rows = _rows(_which(build_study(tmp_path, runs, claims=())))
+    root = build_study(tmp_path, runs, claims=())
+    rows = _rows(_which(root))
+    per_n = render_markdown(results(build_context(load_study_data(root), root)))
+    assert {r[0] for r in _md_table_after(per_n, "cola-id (ID) accuracy")[2:]} == {"zero-shot (n/a: no sample used)", "vanilla"}
     assert set(rows) == {"zero-shot@n/a", "vanilla@16"}
     assert rows["vanilla@16"]["chosen (selection)"] == "train.lr=0.0001" and rows["zero-shot@n/a"]["chosen (selection)"] == "–"
 

@@ -31,12 +31,14 @@ def results(ctx: Context) -> Doc:
     doc.p("Mean ± 95 % CI half-width over data seeds (number of runs in parentheses); ≈ marks a result indistinguishable from "
           "the majority baseline (or chance); [k failed] counts runs of the cell that failed (not in the mean), [⚠ k collapsed] "
           "runs whose predictions collapsed. Full statistics (std, min, max) in `csv/summary.csv`.")
+    no_n = {r.arm for r in ctx.rows if not ctx.data.n_applies(r.method)}
     for model, task in ctx.models_tasks():
         doc.h(3, f"{model} · {task}")
         for es in eval_sets_ordered(ctx.rows, model, task):
             domain = next(r.domain for r in ctx.rows if r.eval_set == es and r.task == task)
             for metric in report_metrics(task):
                 header, rows = results_table(ctx.summary, model, task, es, metric, ctx.failed, ctx.collapsed)
+                rows = [[f"{r[0]} (n/a: no sample used)" if r[0] in no_n else r[0], *r[1:]] for r in rows]
                 doc.table(header, rows, caption=f"{es} ({domain.upper()}) {metric.upper() if metric == 'mcc' else metric}")
     return doc
 
