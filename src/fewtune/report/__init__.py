@@ -64,5 +64,5 @@ def write_report(study_dir: Path | str, margin: float | None = None) -> ReportPa
     return ReportPaths(md, page, ctx.csv_dir, ctx.fig_dir, tuple(ctx.figures), tuple(ctx.csvs))
 
 
-__all__ = ["SECTIONS", "ReportPaths", "StudyData", "build_report", "claim_specs", "load_study_data", "render_html",
+__all__ = ["CSV_DIR", "FIGURES_DIR", "SECTIONS", "ReportPaths", "StudyData", "build_report", "claim_specs", "load_study_data", "render_html",
            "render_markdown", "write_report"]
