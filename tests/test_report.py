@@ -15,8 +15,8 @@ from fewtune import report as rp
 from fewtune.errors import ConfigError
 from fewtune.study.store import Store
 
-SECTIONS = ["Warnings", "Claims of the study", "Results", "Plots", "Paired comparisons with vanilla fine-tuning",
-            "ID vs OOD gap", "Resources", "Failed runs", "Statistical method", "How to read this report"]
+SECTIONS = ["Which method", "Warnings", "Claims of the study", "Results", "Plots", "Paired comparisons with vanilla fine-tuning",
+            "ID vs OOD gap", "Resources", "Failed runs", "Study config", "Statistical method", "How to read this report"]
 METHODS = ("icl", "vanilla", "pbft", "adaptive", "lora", "distill")
 
 
@@ -52,6 +52,13 @@ def write_predictions(run_dir: Path, metrics: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def write_run_files(run_dir: Path, cfg: dict, metrics: dict) -> None:
+    """config.yaml and metrics.json as the runner writes them (what fewtune.results reads)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
 def build_study(root: Path, runs, failed=(), pending=(), claims=("srinivasan2024",)) -> Path:
     """A study directory as run_study leaves it, from synthetic (run id, config, metrics) triples."""
     root.mkdir(parents=True, exist_ok=True)
@@ -67,6 +74,7 @@ def build_study(root: Path, runs, failed=(), pending=(), claims=("srinivasan2024
             if cfg["task"] == "mnli":
                 _write_hans_predictions(root / "runs" / rid, 0.95 if cfg["method"] == "vanilla" else 0.6, 0.1 if cfg["method"] == "vanilla" else 0.4)
             write_predictions(root / "runs" / rid, m)
+            write_run_files(root / "runs" / rid, cfg, m)
             s.mark_done(rid, m, f"runs/{rid}")
         for rid, _, _ in failed:
             s.mark_running(rid)
@@ -151,7 +159,7 @@ def test_plots_are_nonempty_pngs_and_embedded(full_report) -> None:
         assert img.shape[0] > 100 and img.shape[1] > 100
         assert img[..., :3].std() > 0.01  # not a blank canvas
     page = paths.html.read_text()
-    assert page.count("src='data:image/png;base64,") == len(paths.figures)
+    assert len(re.findall(r"src=['\"]data:image/png;base64,", page)) == len(paths.figures)
     assert not re.search(r"src=['\"](?!data:)", page)  # nothing external
     md = paths.markdown.read_text()
     assert md.count("](figures/") == len(paths.figures)
@@ -161,7 +169,8 @@ def test_csv_exports(full_report) -> None:
     _, paths = full_report
     with open(paths.csv_dir / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 2 * 6 * 2 * 3 * 2  # tasks × methods × n × seeds × eval sets
+    assert len([r for r in runs if r["status"] == "done"]) == 2 * 6 * 2 * 3 * 2  # tasks × methods × n × seeds × eval sets
+    assert sorted(r["status"] for r in runs if r["status"] != "done") == ["failed", "failed", "pending", "pending"]  # × 2 eval sets
     with open(paths.csv_dir / "summary.csv") as f:
         summary = list(csv.DictReader(f))
     cola_id_acc = [r for r in summary if r["task"] == "cola" and r["eval_set"] == "cola-id" and r["metric"] == "accuracy"]
@@ -250,7 +259,7 @@ def test_margin_override_replaces_interval_margins_only() -> None:
     from fewtune.claims import ClaimSpec, load_claims
 
     data = SimpleNamespace(claims=[ClaimSpec.model_validate(c) for c in load_claims("srinivasan2024")])
-    specs = {s.key: s for s in rp._claim_specs(data, 0.2)}
+    specs = {s.key: s for s in rp.claim_specs(data, 0.2)}
     assert specs["efficient-comparable"].margin == 0.2 and specs["ft-icl-similar"].margin == 0.2
     assert specs["cd-beats-ft"].margin is None  # direction claims have no margin
-    assert rp._claim_specs(data, None) == data.claims
+    assert rp.claim_specs(data, None) == data.claims

@@ -16,7 +16,8 @@ from fewtune.study.executors import InProcessExecutor
 from fewtune import identity
 from fewtune.errors import ConfigError
 from fewtune.identity import guard_stale, stale_in_study
-from fewtune.report import _warnings, load_study_data
+from fewtune.report import load_study_data
+from fewtune.report.tables import warnings as _warnings
 from fewtune.study.store import Store
 from fewtune.study import expand, parse_study, run_study
 
@@ -50,7 +51,7 @@ def test_upgrade_makes_runs_stale_and_the_report_never_mixes_them(tmp_path, monk
     out = run_study(study, tmp_path, executor=InProcessExecutor(fake_runner), show_progress=False, planned=new_plan, limit=1)
     assert out.succeeded == 1
     data = load_study_data(tmp_path)
-    assert {r.run_id for r in data.records} == {p.run_id for p in new_plan}
+    assert {r.run_id for r in data.runs} == {p.run_id for p in new_plan}
     assert {r.accuracy for r in data.rows} == {0.9}  # only the current identity's results
     assert data.stale_runs == 4 and data.other_runs == 0
     assert any("4 runs in this directory are stale" in w for w in _warnings(data, []))

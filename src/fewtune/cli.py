@@ -139,9 +139,10 @@ def methods() -> None:
 
 
 def _register_optional_commands() -> None:
-    from . import cli_models
+    from . import cli_models, cli_results
 
     cli_models.register(app)
+    cli_results.register(app)
     try:
         from . import cli_study
     except ImportError:

@@ -100,6 +100,8 @@ class Method(ABC):
     # Whether training updates the pretrained weights (False: adapters/new heads only). Methods
     # that keep them frozen may load them in bf16 and spread them with a device_map.
     trains_base_weights: ClassVar[bool] = True
+    # Whether predictions depend on the few-shot sample (zero-shot: no, so its n is reported as n/a).
+    uses_sample: ClassVar[bool] = True
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

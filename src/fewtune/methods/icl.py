@@ -44,6 +44,7 @@ class ZeroShot(Method):
     summary = "the pattern alone, no demonstrations, no training"
     Params = ZeroShotParams
     trains = False
+    uses_sample = False
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
         preds = Predictions.from_scores(self._score(self.ctx.queries(examples), on_batch), self.ctx.verbalizer.token_ids)

@@ -1,6 +1,6 @@
 """The report's claims section, its statement of the statistical method, and the claims CSV.
 
-Kept apart from ``report`` (which will become a package): these blocks only need the claim
+These blocks only need the claim
 results and a document object with ``h``/``p``/``items``/``table`` (``report.Doc``).
 """
 
@@ -10,9 +10,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from . import stats as st
-from .claims import ClaimResult, ClaimSpec
-from .resample import BOOTSTRAP_REPLICATES
+from .. import stats as st
+from ..claims import ClaimResult, ClaimSpec
+from ..resample import BOOTSTRAP_REPLICATES
 
 
 class DocLike(Protocol):

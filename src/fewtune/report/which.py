@@ -1,0 +1,217 @@
+"""``## Which method``: the report's answer first. Per model × task, one table of every method arm
+with its accuracy in and out of domain, its costs and its place on the accuracy/memory Pareto
+front, then a recommendation per budget that says plainly when the data cannot tell methods apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import stats as st
+from .context import Context
+from .data import report_metrics
+from .doc import Doc, fmt_n, fmt_p, fmt_summary
+from .tables import eval_sets_ordered
+
+WITHIN = 0.01  # "within 1 point of the best": one accuracy point
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    method: str
+    n: int
+    n_applies: bool
+    id: st.SummaryRow | None
+    ood: st.SummaryRow | None
+    mcc: st.SummaryRow | None
+    memory: float
+    trainable: float
+    train_s: float
+    eval_s: float
+    chosen: str = ""
+    pareto: bool = False
+
+    def cell(self, domain: str) -> st.SummaryRow | None:
+        return self.id if domain == "id" else self.ood
+
+    def mean(self, domain: str) -> float:
+        c = self.cell(domain)
+        return c.stats.mean if c is not None and c.stats.count else math.nan
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _chosen(ctx: Context, model: str, task: str, arm: str, n: int) -> str:
+    """The hyper-parameters a selection rule chose (metrics.json ``selection.chosen``), over seeds."""
+    f = ctx.data.frame
+    sel = f[(f["model"] == model) & (f["task"] == task) & (f["arm"] == arm) & (f["n"] == n) & f["selection"].notna()]
+    per_run = sel.drop_duplicates("run_id")["selection"]
+    counts = Counter(", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (json.loads(s) or {}).items())
+                     for s in per_run)
+    return "; ".join(f"{k} ({c} of {len(per_run)} runs)" if len(counts) > 1 else k for k, c in counts.most_common())
+
+
+def arm_results(ctx: Context, model: str, task: str, id_set: str | None, ood_set: str | None) -> list[ArmResult]:
+    """One ArmResult per (arm, n) of the model × task, costs averaged over its runs."""
+    def cell(arm: str, n: int, es: str | None, metric: str = "accuracy") -> st.SummaryRow | None:
+        return next((s for s in ctx.summary if s.model == model and s.task == task and s.arm == arm and s.n == n
+                     and s.eval_set == es and s.metric == metric), None)
+
+    runs: dict[str, st.EvalRow] = {}
+    for r in ctx.rows:
+        if r.model == model and r.task == task:
+            runs.setdefault(r.run_id, r)
+    keys = sorted({(r.method, r.arm, r.n) for r in runs.values()},
+                  key=lambda k: (k[2], st.method_rank(k[0], ctx.order), st._arm_sort(k[1])))
+    out = []
+    for method, arm, n in keys:
+        rs = [r for r in runs.values() if r.arm == arm and r.n == n]
+        out.append(ArmResult(arm, method, n, ctx.data.n_applies(method), cell(arm, n, id_set), cell(arm, n, ood_set),
+                             cell(arm, n, id_set, "mcc") if "mcc" in report_metrics(task) else None,
+                             _mean([r.peak_memory_mb for r in rs]), _mean([r.trainable_params for r in rs]),
+                             _mean([r.train_seconds for r in rs]), _mean([r.eval_seconds for r in rs]),
+                             _chosen(ctx, model, task, arm, n)))
+    return out
+
+
+def mark_pareto(arms: Sequence[ArmResult], domain: str) -> None:
+    """Pareto-optimal in (peak memory ↓, accuracy ↑) among the arms of one n."""
+    for n in {a.n for a in arms}:
+        group = [a for a in arms if a.n == n]
+        for a, front in zip(group, st.pareto_front([a.memory for a in group], [a.mean(domain) for a in group])):
+            a.pareto = front
+
+
+def _pair(ctx: Context, model: str, task: str, n: int, es: str, a: str, b: str) -> st.PairedTest | None:
+    for c in ctx.pairs:
+        if (c.model, c.task, c.n, c.eval_set) == (model, task, n, es) and {c.arm_a, c.arm_b} == {a, b}:
+            return c.test
+    return None
+
+
+def significance(test: st.PairedTest | None, other: ArmResult, domain: str) -> str:
+    """How sure the data is that ``other`` differs: the paired t-test over data seeds, in words."""
+    if test is None or not math.isfinite(test.t_p):
+        return (f"no paired test against {other.arm} ({other.mean(domain):.3f}) is possible (too few shared data seeds), "
+                "so the difference is not shown to be significant")
+    if test.significant():
+        return f"significantly different from {other.arm} ({other.mean(domain):.3f}; paired t-test over {test.n_pairs} seeds, p={fmt_p(test.t_p)})"
+    return (f"**not significantly different** from {other.arm} ({other.mean(domain):.3f}; paired t-test over {test.n_pairs} "
+            f"seeds, p={fmt_p(test.t_p)}): at this number of seeds the data cannot tell them apart")
+
+
+def _none_beats_baseline(arms: Sequence[ArmResult], domain: str) -> bool:
+    """No arm is significantly above the majority baseline (each is indistinguishable from it, or below)."""
+    cells = [a.cell(domain) for a in arms if a.cell(domain) is not None and a.cell(domain).stats.count]
+    return bool(cells) and all(c.at_baseline or c.stats.mean <= c.baseline for c in cells)
+
+
+def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> list[str]:
+    """The recommendation for one n: best accuracy, least memory and fewest trainable parameters
+    within one point of it, each with whether the difference is significant."""
+    domains = [d for d in ("ood", "id") if sets[d] and any(math.isfinite(a.mean(d)) for a in arms)]
+    if not domains:
+        return []
+    if all(_none_beats_baseline(arms, d) for d in domains):
+        return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
+                "always predicting the most frequent label. More examples or a larger model."]
+    lines = []
+    domain = domains[0]
+    if _none_beats_baseline(arms, domain) and len(domains) > 1:
+        lines.append(f"Out of domain ({sets[domain]}) no method beats the majority baseline (or chance); ranked by in-domain accuracy instead.")
+        domain = domains[1]
+    label, es = domain.upper(), sets[domain]
+    scored = sorted((a for a in arms if math.isfinite(a.mean(domain))), key=lambda a: -a.mean(domain))
+    best = scored[0]
+    text = f"Best {label} accuracy: **{best.arm}** ({best.mean(domain):.3f})"
+    if len(scored) > 1:
+        text += "; " + significance(_pair(ctx, model, task, best.n, es, best.arm, scored[1].arm), scored[1], domain)
+    lines.append(text + ".")
+    for attr, what, unit in (("memory", "least memory", " MB"), ("trainable", "fewest trainable parameters", "")):
+        within = [a for a in scored if a.mean(domain) >= best.mean(domain) - WITHIN and math.isfinite(getattr(a, attr))]
+        if not within:
+            continue
+        pick = min(within, key=lambda a: getattr(a, attr))
+        if pick is best or getattr(pick, attr) >= getattr(best, attr):
+            lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: the best itself ({best.arm}).")
+            continue
+        lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: **{pick.arm}** "
+                     f"({getattr(pick, attr):,.0f}{unit} vs {getattr(best, attr):,.0f}{unit}; {pick.mean(domain):.3f}); "
+                     + significance(_pair(ctx, model, task, best.n, es, best.arm, pick.arm), best, domain) + ".")
+    return lines
+
+
+def _fmt(x: float, spec: str) -> str:
+    return format(x, spec) if math.isfinite(x) else "–"
+
+
+def _table(doc: Doc, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> None:
+    has_mcc, has_chosen = any(a.mcc for a in arms), any(a.chosen for a in arms)
+    header = ["method", "n", f"ID accuracy ({sets['id'] or '–'})", f"OOD accuracy ({sets['ood'] or '–'})",
+              *([f"ID MCC ({sets['id']})"] if has_mcc else []), "peak memory MB", "trainable params", "train s", "eval s",
+              "Pareto", *(["chosen (selection)"] if has_chosen else [])]
+    rows = []
+    for a in arms:
+        acc = [fmt_summary(c.stats) + (" ≈" if c.at_baseline else "") if c else "–" for c in (a.id, a.ood)]
+        rows.append([a.arm, fmt_n(a.n, a.n_applies), *acc, *([fmt_summary(a.mcc.stats) if a.mcc else "–"] if has_mcc else []),
+                     _fmt(a.memory, ".0f"), _fmt(a.trainable, ",.0f"), _fmt(a.train_s, ".1f"), _fmt(a.eval_s, ".1f"),
+                     "★" if a.pareto else "", *([a.chosen or "–"] if has_chosen else [])])
+    doc.table(header, rows, caption=f"{task}: methods at a glance")
+
+
+def models_side_by_side(doc: Doc, task: str, by_model: dict[str, list[ArmResult]], domain: str) -> None:
+    """One row per method arm and n, one column per model: the same question asked of each model size."""
+    models = list(by_model)
+    keys = list(dict.fromkeys((a.arm, a.n, a.n_applies) for arms in by_model.values() for a in arms))
+    rows = []
+    for arm, n, applies in keys:
+        line = [arm, fmt_n(n, applies)]
+        for m in models:
+            a = next((a for a in by_model[m] if a.arm == arm and a.n == n), None)
+            c = a.cell(domain) if a else None
+            line.append(f"{fmt_summary(c.stats)} · {_fmt(a.memory, '.0f')} MB" if c is not None and a is not None else "–")
+        rows.append(line)
+    doc.table(["method", "n", *models], rows, caption=f"{task}: {domain.upper()} accuracy · peak memory, per model")
+
+
+def which_method(ctx: Context) -> Doc:
+    doc = Doc()
+    doc.h(2, "Which method")
+    if not ctx.rows:
+        doc.p("No finished runs yet: nothing to recommend.")
+        return doc
+    doc.p("Per method arm and n: mean accuracy ± 95 % CI half-width over data seeds (runs), ≈ = indistinguishable from the "
+          "majority baseline; costs are means per run. ★ = Pareto-optimal in accuracy (OOD where there is an OOD set) vs peak "
+          "memory among the methods at the same n. Recommendations compare methods at the same n, on the same few-shot "
+          f"samples (paired t-test over data seeds, α = {st.ALPHA}).")
+    per_task: dict[str, dict[str, tuple[list[ArmResult], str]]] = {}
+    for model, task in ctx.models_tasks():
+        sets_all = eval_sets_ordered(ctx.rows, model, task)
+        dom = {r.eval_set: r.domain for r in ctx.rows if r.model == model and r.task == task}
+        sets = {d: next((s for s in sets_all if dom[s] == d), None) for d in ("id", "ood")}
+        arms = arm_results(ctx, model, task, sets["id"], sets["ood"])
+        mark_pareto(arms, "ood" if sets["ood"] else "id")
+        doc.h(3, f"{model} · {task}")
+        _table(doc, task, arms, sets)
+        items = []
+        for n in sorted({a.n for a in arms}):
+            group = [a for a in arms if a.n == n]
+            label = f"n={n}" if any(a.n_applies for a in group) else "n/a"
+            items += [f"{label}: {line}" for line in recommend(ctx, model, task, group, sets)]
+        doc.items(items)
+        per_task.setdefault(task, {})[model] = (arms, "ood" if sets["ood"] else "id")
+    for task, by_model in per_task.items():
+        if len(by_model) > 1:
+            doc.h(3, f"Models side by side · {task}")
+            models_side_by_side(doc, task, {m: v[0] for m, v in by_model.items()}, next(iter(by_model.values()))[1])
+    return doc
