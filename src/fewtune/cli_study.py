@@ -59,7 +59,11 @@ def register(app: typer.Typer) -> None:
         executor: str = typer.Option(
             "subprocess", "--executor",
             help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
-                 "contained) or inprocess (one process; for debugging)"),
+                 "contained), inprocess (one process; for debugging) or ray (each run a Ray task; "
+                 "pip install fewtune[ray])"),
+        ray_address: Optional[str] = typer.Option(
+            None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
+                                        "default: start a local one"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
@@ -73,7 +77,7 @@ def register(app: typer.Typer) -> None:
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
-        runs_in = make_executor(executor)
+        runs_in = make_executor(executor, ray_address=ray_address)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:

@@ -12,7 +12,8 @@ study alone reads and writes ``study.db``. Run ids and results do not depend on 
   transformers and fewtune once (the standard library's ``forkserver`` start method).
 - ``InProcessExecutor`` runs in the study's own process (tests, debugging with a debugger).
 
-Another executor (e.g. Ray) is one more subclass of ``Executor`` with its own ``run``.
+- ``RayExecutor`` (``fewtune.ray_executor``, ``pip install fewtune[ray]``) runs each run as a Ray
+  task on a local or remote cluster; imported only when chosen.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ Runner = Callable[..., Any]
 """``runner(config, out_dir, *, data_dir, progress)`` → an object with ``.metrics`` (or a mapping);
 ``fewtune.runner.run_experiment`` by default. Injectable so tests can stand in for real runs."""
 
-EXECUTORS = ("subprocess", "inprocess")
+EXECUTORS = ("subprocess", "inprocess", "ray")
 # Imported once by the fork server, so that each run's process starts with them in memory (the
 # embedded model is a Llama: its modeling code is imported lazily by transformers otherwise).
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "fewtune.runner"]
@@ -256,11 +257,20 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
         result_w.send(RunOutcome(error=f"could not return the run's result: {format_error(e)}", error_type=type(e).__name__))
 
 
-def make_executor(kind: str, runner: Runner | None = None) -> Executor:
-    """An executor by name (``--executor``)."""
+def make_executor(kind: str, runner: Runner | None = None, *, ray_address: str | None = None,
+                  resources: dict[str, Any] | None = None) -> Executor:
+    """An executor by name (``--executor``). ``ray_address`` and ``resources`` (per run:
+    ``{"cpus": 1, "gpus": 0.25}``) apply to ``ray`` only; Ray is imported only for it."""
     from .errors import ConfigError
     from .registry import unknown_hint
 
+    if kind != "ray" and (ray_address is not None or resources):
+        raise ConfigError(f"--ray-address and run resources apply to --executor ray, not '{kind}'",
+                          "add --executor ray, or drop them")
+    if kind == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(runner, address=ray_address, resources=resources)
     if kind == "subprocess":
         return SubprocessExecutor(runner)
     if kind == "inprocess":
