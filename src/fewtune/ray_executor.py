@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 EXECUTOR_FILE = "executor.json"
 DEFAULT_RESOURCES = {"cpus": 1, "gpus": 0}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error messages
 POLL_S = 0.5  # how long one wait for a task may block before the driver can see Ctrl-C
 
 
@@ -233,7 +235,7 @@ class RayExecutor(Executor):
         except ray.exceptions.RayError as e:
             if self._cancelling:
                 raise KeyboardInterrupt from None
-            return TaskResult(_worker_died(e, self.max_retries))
+            return TaskResult(_ray_failure(e, self.max_retries))
 
     def _executor_info(self, result: TaskResult, book: _InFlight) -> dict[str, Any]:
         return {"executor": self.name, "ray_version": self.ray.__version__, "resources": dict(self.resources),
@@ -262,12 +264,20 @@ class RayExecutor(Executor):
             self._remote = None
 
 
-def _worker_died(e: BaseException, max_retries: int) -> RunOutcome:
-    """The outcome of a run whose worker kept dying (or whose node was lost)."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    msg = (f"ProcessDied: the run's Ray worker died {max_retries + 1} time(s) "
-           f"({max_retries} retries; out of memory, kill -9 or a lost node): {type(e).__name__}: {first}")
-    return RunOutcome(error=msg, error_type="ProcessDied")
+def _ray_failure(e: BaseException, max_retries: int) -> RunOutcome:
+    """The outcome of a task that Ray reports failed. The runner's own exceptions never get here
+    (the task returns them as its outcome), so this is a worker that kept dying, a lost node, or
+    Ray failing to run the task at all (e.g. a runner the worker cannot unpickle)."""
+    import ray.exceptions as rex
+
+    text = ANSI.sub("", str(e)).strip()
+    died = (rex.WorkerCrashedError, rex.NodeDiedError, rex.OutOfMemoryError, rex.LocalRayletDiedError)
+    if isinstance(e, died):
+        first = (text.splitlines() or [type(e).__name__])[0]
+        return RunOutcome(error=f"ProcessDied: the run's Ray worker died {max_retries + 1} time(s) ({max_retries} "
+                                f"retries; out of memory, kill -9 or a lost node): {type(e).__name__}: {first}",
+                          error_type="ProcessDied")
+    return RunOutcome(error=f"{type(e).__name__}: Ray could not run the task: {text}", error_type=type(e).__name__)
 
 
 def _pickle_by_value_if_needed(runner: Runner) -> None:
