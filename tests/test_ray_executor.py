@@ -167,7 +167,7 @@ def test_cli_ray_failed_run_exits_1_and_study_goes_on(tmp_path: Path, data_dir: 
     assert bad.status == "failed" and bad.error.startswith("ConfigError: cannot load model")
 
 
-def test_ray_options_are_user_errors(monkeypatch) -> None:
+def test_ray_options_are_user_errors(monkeypatch, cluster) -> None:
     from fewtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gpus"):
@@ -176,6 +176,8 @@ def test_ray_options_are_user_errors(monkeypatch) -> None:
         RayExecutor(resources={"memory": 1})
     with pytest.raises(ConfigError, match="apply to --executor ray"):
         make_executor("subprocess", ray_address="auto")
+    with pytest.raises(ConfigError, match="cannot hold one run: 0.5 GPUs per run, the cluster has 0"):
+        RayExecutor(resources={"gpus": 0.5}).run(expand(_study(FAKE))[0], Path("/nonexistent/never-written"))
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(ConfigError, match="needs Ray") as e:
         make_executor("ray")

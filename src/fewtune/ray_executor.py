@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import make_tmp_dir, output_error, replace_dir
 from .errors import ConfigError
-from .executors import Executor, Runner, RunOutcome, outcome_of
+from .executors import PRELOAD, Executor, Runner, RunOutcome, outcome_of
 
 if TYPE_CHECKING:
     from .study import PlannedRun
@@ -103,6 +103,8 @@ def run_task(runner: Runner | None, config: Any, run_name: str, data_dir: Path |
     import ray
 
     if runner is None:
+        for module in PRELOAD:  # before the run's clock starts, as the subprocess executor's fork server does
+            importlib.import_module(module)
         from .runner import run_experiment as runner
     torch = sys.modules.get("torch")  # the real runner imports it; a stand-in need not pay for it
     if torch is not None:
@@ -149,7 +151,9 @@ class RayExecutor(Executor):
     shuts down; an address (``ray://host:10001``, ``host:6379``, ``auto``) connects to a running
     cluster. If Ray is already initialised in this process (a test fixture, a notebook), that
     session is used and left running. ``resources``: per run, ``{"cpus": 1, "gpus": 0}`` by
-    default; ``gpus`` may be fractional. ``runner`` must be picklable; a runner from a module the
+    default; ``gpus`` may be fractional. ``fresh_process=False`` lets a worker process run
+    several runs (saves the process start and imports per run; memory figures then may include
+    what earlier runs left, as in-process). ``runner`` must be picklable; a runner from a module the
     workers cannot import (a test module) is pickled by value.
 
     Thread-safe: several threads may call ``run`` at once, each waits for its own task."""
@@ -157,7 +161,8 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, runner: Runner | None = None, *, address: str | None = None,
-                 resources: Mapping[str, Any] | None = None, max_retries: int = 2, num_cpus: int | None = None) -> None:
+                 resources: Mapping[str, Any] | None = None, max_retries: int = 2, num_cpus: int | None = None,
+                 fresh_process: bool = True) -> None:
         self.ray = import_ray()
         self.runner = runner
         self.address = address
@@ -166,6 +171,7 @@ class RayExecutor(Executor):
             raise ConfigError(f"max_retries must be ≥ 0, got {max_retries}")
         self.max_retries = max_retries
         self.num_cpus = num_cpus
+        self.fresh_process = fresh_process
         self._lock = threading.Lock()
         self._started = False  # we called ray.init, so close() calls ray.shutdown
         self._remote: Any = None
@@ -187,7 +193,8 @@ class RayExecutor(Executor):
                 ray.init(**kwargs, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
                 self._started = True
             res = self.resources
-            self._remote = ray.remote(max_calls=1)(run_task).options(
+            _check_fits(ray.cluster_resources(), res)
+            self._remote = ray.remote(max_calls=1 if self.fresh_process else 0)(run_task).options(
                 num_cpus=res["cpus"], num_gpus=res["gpus"], max_retries=self.max_retries, retry_exceptions=False)
             return self._remote
 
@@ -239,6 +246,7 @@ class RayExecutor(Executor):
 
     def _executor_info(self, result: TaskResult, book: _InFlight) -> dict[str, Any]:
         return {"executor": self.name, "ray_version": self.ray.__version__, "resources": dict(self.resources),
+                "fresh_process": self.fresh_process,
                 **result.placement,
                 "gpu_runs_in_flight_at_submit": book.gpu_runs_at_submit, "gpu_runs_in_flight_peak": book.gpu_runs_peak,
                 "note": "gpu_runs_* count this study's runs with gpus > 0 in flight on the whole cluster "
@@ -262,6 +270,15 @@ class RayExecutor(Executor):
                 self.ray.shutdown()
                 self._started = False
             self._remote = None
+
+
+def _check_fits(cluster: Mapping[str, float], res: Mapping[str, float]) -> None:
+    """A task that no node can hold would wait forever (Ray only logs a warning): refuse it."""
+    have = {"cpus": cluster.get("CPU", 0), "gpus": cluster.get("GPU", 0)}
+    short = [f"{res[k]:g} {k[:-1].upper()}s per run, the cluster has {have[k]:g}" for k in ("cpus", "gpus") if res[k] > have[k]]
+    if short:
+        raise ConfigError(f"the Ray cluster cannot hold one run: {'; '.join(short)}",
+                          "lower the run resources, or use a cluster with those resources (--ray-address)")
 
 
 def _ray_failure(e: BaseException, max_retries: int) -> RunOutcome:
