@@ -106,7 +106,7 @@ def test_a_worker_that_keeps_dying_is_a_failed_run(tmp_path: Path, cluster) -> N
     (failed,) = [r for r in _records(tmp_path).values() if r.status == "failed"]
     assert failed.method == "zero-shot"
     assert failed.error.startswith("ProcessDied: the run's Ray worker died 2 time(s)"), failed.error
-    assert not (tmp_path / failed.run_dir).exists() if failed.run_dir else True
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [r.run_id for r in _records(tmp_path).values() if r.status == "done"]
 
 
 def test_a_run_that_raises_is_recorded_and_not_retried(tmp_path: Path, cluster) -> None:
