@@ -40,7 +40,7 @@ NO_WORK = ("import fewtune.runner, fewtune.study\n"
            "fewtune.runner.load_model = boom\nfewtune.study.run_study = boom\n")
 DISK_FULL = ("import fewtune.runner\n"
              "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-             "fewtune.runner._swap_into_place = full\n")
+             "fewtune.runner.replace_dir = full\n")
 
 
 def _hidden(d: Path) -> list[str]:

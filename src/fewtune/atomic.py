@@ -82,6 +82,19 @@ def make_tmp_dir(target: Path) -> Path:
     return tmp
 
 
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``. An old ``target`` is first renamed
+    aside (to a temporary name a later writer cleans up if we die here), so it is never
+    half-deleted and readers see the old directory or the new one."""
+    if target.exists():
+        old = make_tmp_dir(target)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -69,9 +69,14 @@ def register(app: typer.Typer) -> None:
         executor: str = typer.Option(
             "subprocess", "--executor",
             help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
-                 "contained) or inprocess (one process; for debugging)"),
+                 "contained), inprocess (one process; for debugging) or ray (each run a Ray task; "
+                 "pip install fewtune[ray])"),
         parallel: int = typer.Option(
-            1, "--parallel", help="run up to N runs at once (subprocess executor; each run gets threads/N torch threads)"),
+            1, "--parallel", help="run up to N runs at once (subprocess: local processes; ray: the cluster decides "
+                                  "within the limit; each local run gets threads/N torch threads)"),
+        ray_address: Optional[str] = typer.Option(
+            None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
+                                        "default: start a local one"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
@@ -81,12 +86,15 @@ def register(app: typer.Typer) -> None:
         from .study import expand, load_study, make_executor, run_study
         from .study.executors import check_parallel
 
-        runs_in = make_executor(executor)
-        check_parallel(runs_in, parallel)
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
+        options = {"ray_address": ray_address} if ray_address else {}
+        if study.resources and executor == "ray":  # other executors run where they are: nothing to ask for
+            options["resources"] = study.resources
+        runs_in = make_executor(executor, **options)
+        check_parallel(runs_in, parallel)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:

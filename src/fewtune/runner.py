@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import distributed
-from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error
+from .atomic import clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error, replace_dir
 from .config import RunConfig
 from .resolve import resolve
 from .errors import ConfigError, FewtuneError, TrainingDiverged
@@ -349,22 +349,10 @@ def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dic
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``. An old ``out_dir`` is first renamed aside (to a temporary
-    name a later run cleans up if we die here), so it is never half-deleted."""
-    if out_dir.exists():
-        old = make_tmp_dir(out_dir)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def _clean(x):

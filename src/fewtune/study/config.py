@@ -41,11 +41,12 @@ from ..errors import ConfigError
 from ..overrides import Override, check_flag_conflicts, load_yaml_text, parse_overrides
 from ..registry import closest, unknown_hint
 
-STUDY_KEYS = ("name", "description", "tasks", "methods", "claims")
+STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources")
+RESOURCE_KEYS = ("cpus", "gpus")  # per run, for executors that schedule them (ray)
 RUN_KEYS = tuple(RunConfig.model_fields)
 TASK_ENTRY_EXTRA = ("task",)
 METHOD_ENTRY_EXTRA = ("method", "tasks")
-PRESETS = ("quick", "paper", "paper-released")
+PRESETS = ("quick", "paper", "paper-released", "paper-tuned", "beyond", "sizes")
 MAX_RUNS = 100_000  # a larger grid is almost surely a typo (--seeds 0-99999999), and would not fit in memory
 
 
@@ -61,6 +62,7 @@ class StudyConfig:
     overrides: list[Override] = field(default_factory=list)
     source: str = ""  # where it was loaded from (preset name or path)
     claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.claims), tested by the report
+    resources: dict[str, float] | None = None  # per run, e.g. {"cpus": 2, "gpus": 0.25}: where runs go, not what they compute
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""
@@ -72,6 +74,8 @@ class StudyConfig:
             out["tasks"] = self.tasks
         if self.methods is not None:
             out["methods"] = self.methods
+        if self.resources:
+            out["resources"] = self.resources
         if self.claims:
             out["claims"] = self.claims
         return out
@@ -153,7 +157,21 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
         from ..claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
 
         claims = load_claims(data["claims"], where)
-    return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims)
+    return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,
+                       resources=_resources(data.get("resources"), where))
+
+
+def _resources(value: Any, where: str) -> dict[str, float] | None:
+    """``resources: {cpus: 2, gpus: 0.25}``: what each run asks of a cluster scheduler (Ray)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'resources' must be a mapping, got {value!r}", "e.g. resources: {cpus: 2, gpus: 0.25}")
+    _check_keys(value, RESOURCE_KEYS, f"{where}, resources")
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{where}: resources.{k} must be a number ≥ 0, got {v!r}", "e.g. resources: {cpus: 2, gpus: 0.25}")
+    return {k: float(v) for k, v in value.items()}
 
 
 def preset_names() -> list[str]:

@@ -13,8 +13,11 @@ on how many runs execute at once (``--parallel``: the study calls ``run`` from t
   transformers and fewtune once (the standard library's ``forkserver`` start method).
 - ``InProcessExecutor`` runs in the study's own process (tests, debugging with a debugger).
 
-Another executor (e.g. Ray) is one more subclass of ``Executor`` (``run``, and ``interrupt`` when
-it can hold several runs at once), registered in ``EXECUTORS``.
+- ``RayExecutor`` (``fewtune.study.ray_executor``, ``pip install fewtune[ray]``) runs each run as a
+  Ray task on a local or remote cluster; imported only when chosen.
+
+Another executor is one more subclass of ``Executor`` (``run``, and ``interrupt`` when it can hold
+several runs at once), registered in ``EXECUTORS``.
 """
 
 from __future__ import annotations
@@ -312,13 +315,26 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
         result_w.send(RunOutcome(error=f"could not return the run's result: {format_error(e)}", error_type=type(e).__name__))
 
 
-EXECUTORS: dict[str, Callable[..., Executor]] = {"subprocess": SubprocessExecutor, "inprocess": InProcessExecutor}
+def _ray(runner: Runner | None = None, **options: Any) -> Executor:
+    """Ray is an optional dependency: imported only when ``--executor ray`` is chosen."""
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(runner, **options)
+
+
+EXECUTORS: dict[str, Callable[..., Executor]] = {"subprocess": SubprocessExecutor, "inprocess": InProcessExecutor, "ray": _ray}
 """``--executor`` names → a factory called as ``factory(runner, **options)`` (``runner`` None: the
 real one). An executor with optional dependencies registers a function that imports them."""
 
 
 def make_executor(kind: str, runner: Runner | None = None, **options: Any) -> Executor:
-    """An executor by name (``--executor``); ``options`` are its own settings (none for these two)."""
+    """An executor by name (``--executor``); ``options`` are its own settings (``ray``: ``address``,
+    ``resources`` per run such as ``{"cpus": 1, "gpus": 0.25}``)."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor '{kind}'", unknown_hint(kind, list(EXECUTORS)))
-    return EXECUTORS[kind](runner, **options)
+    if "ray_address" in options:
+        options["address"] = options.pop("ray_address")
+    if kind != "ray" and any(v is not None for v in options.values()):
+        raise ConfigError(f"--ray-address and run resources apply to --executor ray, not '{kind}'",
+                          "add --executor ray, or drop them")
+    return EXECUTORS[kind](runner, **({} if kind != "ray" else options))
