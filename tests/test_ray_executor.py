@@ -23,7 +23,7 @@ import executor_runners as runners  # noqa: E402
 import ray_runners  # noqa: E402
 from fewtune.study.executors import InProcessExecutor, make_executor  # noqa: E402
 from fewtune.study.ray_executor import EXECUTOR_FILE, RayExecutor  # noqa: E402
-from fewtune.store import Store  # noqa: E402
+from fewtune.study.store import Store  # noqa: E402
 from fewtune.study import expand, parse_study, run_study  # noqa: E402
 
 from conftest import REPO  # noqa: E402

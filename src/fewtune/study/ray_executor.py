@@ -105,7 +105,7 @@ def run_task(runner: Runner | None, config: Any, run_name: str, data_dir: Path |
     if runner is None:
         for module in PRELOAD:  # before the run's clock starts, as the subprocess executor's fork server does
             importlib.import_module(module)
-        from .runner import run_experiment as runner
+        from ..runner import run_experiment as runner
     torch = sys.modules.get("torch")  # the real runner imports it; a stand-in need not pay for it
     if torch is not None:
         torch.set_num_threads(threads)
