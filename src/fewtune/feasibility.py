@@ -29,7 +29,8 @@ from .methods import METHODS, RunContext
 from .methods._trainable import TrainableMethod
 from .methods.distill import Distill
 from .methods.icl import ICL
-from .models import EMBEDDED, TINY_RANDOM, LoadedModel, embedded_model_dir, load_tokenizer, tiny_config
+from .models import EMBEDDED, LoadedModel, embedded_model_dir, load_tokenizer
+from .tiny_models import family_of, is_tiny, tiny_config
 from .prompts import verbalizer_token_ids
 from .runner import EvalData, load_eval_sets
 from .sampling import few_shot_sample
@@ -84,8 +85,8 @@ class _MemoTokenizer:
 
 def model_window(spec: str, tokenizer: Any) -> int | None:
     """The model's positions (``max_position_embeddings``) from its config, without weights."""
-    if spec == TINY_RANDOM:
-        return tiny_config(tokenizer).max_position_embeddings
+    if is_tiny(spec):
+        return tiny_config(tokenizer, family_of(spec)).max_position_embeddings
     from transformers import AutoConfig
 
     try:

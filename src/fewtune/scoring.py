@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from .errors import ContextLengthError, DataError
-from .models import autocast, backbone_and_head
+from .model_adapter import LogitTransform, adapter_for, backbone_and_head
+from .models import autocast
 
 PATH_NAIVE = "naive"
 PATH_PREFIX_CACHE = "prefix_cache"
@@ -151,9 +152,12 @@ def last_hidden(body: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, la
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
-def head_logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def head_logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None,
+                transform: LogitTransform | None = None) -> torch.Tensor:
     """``head(h)`` computed in fp32 with autocast off, whatever precision the body ran at: [B, V]
-    (or [B, k] for the vocabulary ``rows`` only).
+    (or [B, k] for the vocabulary ``rows`` only), then the family's logit post-processing
+    ``transform`` (``ModelAdapter.logit_transform``: soft-capping, scaling; elementwise, so it
+    applies to a subset of rows as well), so the logits are the model's own.
 
     Why: under bf16 autocast the projection onto the vocabulary returns bf16 logits, whose
     resolution at magnitudes 16–32 is 1/16–1/8 — on the embedded model 17 of 200 zero-shot CoLA
@@ -166,17 +170,20 @@ def head_logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor | Non
         h = h.float()
         if type(head) is not torch.nn.Linear:  # e.g. an adapter-wrapped head: run the module itself
             out = head(h).float()
-            return out if rows is None else out[:, rows]
-        w = head.weight if rows is None else head.weight[rows]
-        bias = getattr(head, "bias", None)
-        b = None if bias is None else (bias if rows is None else bias[rows]).float()
-        return torch.nn.functional.linear(h, w.float(), b)
+            out = out if rows is None else out[:, rows]
+        else:
+            w = head.weight if rows is None else head.weight[rows]
+            bias = getattr(head, "bias", None)
+            b = None if bias is None else (bias if rows is None else bias[rows]).float()
+            out = torch.nn.functional.linear(h, w.float(), b)
+        return out if transform is None else transform(out)
 
 
 def last_token_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits at the last real token: [B, V], the head in fp32 (``head_logits``)."""
+    """Full-vocabulary logits at the last real token: [B, V], the head in fp32 and the family's
+    logit post-processing applied (``head_logits``): what the model's own forward gives there."""
     body, head = backbone_and_head(model)
-    return head_logits(head, last_hidden(body, ids, mask, last))
+    return head_logits(head, last_hidden(body, ids, mask, last), transform=adapter_for(model).logit_transform)
 
 
 # --------------------------------------------------------------------------- shared-prefix attention
@@ -448,6 +455,9 @@ def _score_naive(model, tokenizer, enc: Encoded, label_token_ids, batch_size, pr
 
 
 def _score_cached(model, tokenizer, enc: Encoded, label_token_ids, batch_size, precision, on_batch) -> Scores:
+    reason = adapter_for(model).prefix_cache_reason
+    if reason:  # known up front: do not run the prefix only to discover it
+        raise PrefixCacheUnsupported(reason)
     n = len(enc.query_ids)
     dev = next(model.parameters()).device
     label_ids = torch.tensor(list(label_token_ids), device=dev)
@@ -469,7 +479,7 @@ def _score_cached(model, tokenizer, enc: Encoded, label_token_ids, batch_size, p
                 ids, _, last = pad_batch(qs, tokenizer.pad_token_id, dev)
             with autocast(precision, dev):
                 hidden = _query_hidden(body, prefix, ids, last)
-            logits = head_logits(head, hidden)
+            logits = head_logits(head, hidden, transform=adapter_for(model).logit_transform)
             _store(logits, idx, label_ids, logprobs, argmax)
             tokens += sum(len(enc.query_ids[i]) for i in idx)
             if on_batch:
