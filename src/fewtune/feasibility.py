@@ -34,7 +34,7 @@ from .tiny_models import family_of, is_tiny, tiny_config
 from .prompts import verbalizer_token_ids
 from .runner import EvalData, load_eval_sets
 from .sampling import few_shot_sample
-from .scoring import encode_prompts
+from .batching import encode_prompts
 from .tasks import get_task, load_train
 from .tasks.base import Example
 

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import TrainConfig
 from .errors import TrainingDiverged
-from .scoring import pad_batch
+from .batching import pad_batch
 
 LOSS_HISTORY_MAX = 2000  # longer histories are averaged into this many windows
 GROUP_WINDOW = 4  # length-grouping window, in batches

@@ -47,7 +47,8 @@ from ..errors import ConfigError
 from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
 from ..model_adapter import adapter_for, backbone_and_head
 from ..models import autocast
-from ..scoring import argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
+from ..batching import encode_prompts, length_sorted_batches, pad_batch
+from ..scoring import argmax_breaking_ties, score_prompts
 from ..tasks.base import Example
 from ..training import Batch, TrainResult, train
 from .base import Method, Predictions
