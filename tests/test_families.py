@@ -60,7 +60,7 @@ def test_scoring_is_the_models_own_and_cache_agrees_or_falls_back(family, tok):
     if family in CACHED:
         assert cached.path == PATH_PREFIX_CACHE and cached.note is None
     else:
-        assert cached.path == PATH_NAIVE and "prefix cache not used" in cached.note
+        assert cached.path == PATH_NAIVE and adapter_for(model).prefix_cache_reason in cached.note
     # the model reads its input: scores vary across queries (else the comparisons above prove little)
     margin = naive.label_logprobs[:, 1] - naive.label_logprobs[:, 0]
     assert np.ptp(margin) > 0.05
@@ -178,6 +178,7 @@ def test_adaptive_trains_exactly_the_top_layer_and_final_norm(family):
     norm_names = {names[id(p)] for p in norm.parameters()}
     assert all(n.rsplit(".", 2)[-2] in ("norm", "ln_f", "final_layer_norm", "final_layernorm") for n in norm_names)
     top_ids = {id(p) for p in layers[-1].parameters()}
+    assert all(f".{len(layers) - 1}." in names[i] for i in top_ids)  # the top block by its own name
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     m.fit(toy_examples(8))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
