@@ -146,6 +146,22 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one it already has: EOS, else UNK, else BOS.
+
+    Padding is on the right and masked, and pads' outputs are never read, so any existing token
+    serves; adding a new token would change the vocabulary and need resized embeddings. A
+    tokenizer with none of these is rejected with a clear error rather than failing in a batch."""
+    if tokenizer.pad_token is not None:
+        return
+    for name in ("eos_token", "unk_token", "bos_token"):
+        if getattr(tokenizer, name, None) is not None:
+            tokenizer.pad_token = getattr(tokenizer, name)
+            return
+    raise ConfigError("the model's tokenizer defines no pad, eos, unk or bos token, so batches cannot be padded",
+                      "add a pad_token (or eos_token) to the model's tokenizer_config.json / special_tokens_map.json")
+
+
 def _positive(v, skip_one: bool = False) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and not (skip_one and v == 1):
         return float(v)

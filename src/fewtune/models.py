@@ -21,6 +21,7 @@ import torch
 
 from . import tiny_models
 from .errors import ConfigError, FewtuneError
+from .model_adapter import ensure_pad_token
 from .tiny_models import is_tiny
 
 EMBEDDED = "embedded"
@@ -177,8 +178,7 @@ def load_tokenizer(spec: str):
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise _unknown_model(spec, e) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    ensure_pad_token(tok)
     # Right padding: the scored/pooled position is always ``length - 1`` and positions are 0..len-1.
     tok.padding_side = "right"
     return tok

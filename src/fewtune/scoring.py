@@ -166,6 +166,14 @@ def score_encoded(
     use_prefix_cache: bool = True,
 ) -> Scores:
     """Score encoded prompts; the prefix-cached path when there is a prefix and it is allowed."""
+    scores = _score_encoded(model, tokenizer, enc, label_token_ids, batch_size, precision, on_batch, use_prefix_cache)
+    if enc.note:  # the prompts were tokenized jointly (``batching.encode_prompts``)
+        scores.note = enc.note if scores.note is None else f"{enc.note}; {scores.note}"
+    return scores
+
+
+def _score_encoded(model, tokenizer, enc: Encoded, label_token_ids, batch_size, precision, on_batch,
+                   use_prefix_cache) -> Scores:
     was_training = model.training
     model.eval()
     try:
