@@ -185,3 +185,10 @@ def test_adaptive_trains_exactly_the_top_layer_and_final_norm(family):
     expected = {names[i] for i in top_ids} | norm_names
     assert changed == expected
     assert m.describe()["trained_layers"] == [len(layers) - 1]
+
+
+def test_unknown_tiny_family_is_a_config_error_naming_the_choices():
+    from fewtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpt_neox"):
+        load_model("tiny-random:nosuch")
