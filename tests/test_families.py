@@ -192,3 +192,16 @@ def test_unknown_tiny_family_is_a_config_error_naming_the_choices():
 
     with pytest.raises(ConfigError, match="gpt_neox"):
         load_model("tiny-random:nosuch")
+
+
+@pytest.mark.parametrize("method", ["pbft", "lora"])
+def test_lm_objective_net_gives_the_models_own_logits_on_a_softcapped_family(method, tok):
+    """PBFT's loss and LM-objective students read these logits: they must be soft-capped too."""
+    m = make("gemma2", method, {"objective": "lm"} if method == "lora" else {}, max_steps=1)
+    m.adapt_model()
+    net = m.build_net().eval()
+    enc = encode_prompts(tok, QUERIES, PREFIX)
+    ids, mask, last = pad_batch([enc.prefix_ids + q for q in enc.query_ids], tok.pad_token_id, CPU)
+    with torch.no_grad():
+        want = m.ctx.lm.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(last)), last]
+        assert torch.allclose(net(ids, mask, last), want, atol=1e-5)
