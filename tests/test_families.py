@@ -152,9 +152,9 @@ def test_every_method_runs(family, method, params):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_reloads_to_identical_predictions(family, tmp_path):
-    from fewtune.methods.lora import load_adapter
-    from fewtune.methods._trainable import classify
     from fewtune.heads import ClassifierNet
+    from fewtune.methods._trainable import classify
+    from fewtune.methods.lora import load_adapter
 
     m = make(family, "lora", {"r": 2, "save_dir": str(tmp_path / "a")}, lr=1e-2, max_steps=2)
     m.fit(toy_examples(8))

@@ -24,19 +24,19 @@ from typing import Any
 
 import torch
 
+from .batching import encode_prompts
 from .errors import ContextLengthError, FewtuneError
 from .methods import METHODS, RunContext
 from .methods._trainable import TrainableMethod
 from .methods.distill import Distill
 from .methods.icl import ICL
 from .models import EMBEDDED, LoadedModel, embedded_model_dir, load_tokenizer
-from .tiny_models import family_of, is_tiny, tiny_config
 from .prompts import verbalizer_token_ids
 from .runner import EvalData, load_eval_sets
 from .sampling import few_shot_sample
-from .batching import encode_prompts
 from .tasks import get_task, load_train
 from .tasks.base import Example
+from .tiny_models import family_of, is_tiny, tiny_config
 
 MAX_TEACHER_BUILD = 2000  # distillation teacher prompts built (pool=train can be the whole train set)
 TEACHER_EXTREMES = 16  # of those, the longest and the shortest (by characters) are tokenized
