@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fewtune import scoring
+from fewtune import shared_prefix
 from fewtune.config import RunConfig
 from fewtune.runner import run_experiment
 
@@ -16,12 +16,12 @@ def test_icl_falls_back_to_naive_scoring_with_a_note(tmp_path, data_dir, monkeyp
     cfg = RunConfig(task="cola", method="icl", model="tiny-random", n=2, eval_limit=6, precision="fp32")
     ref = run_experiment(cfg, data_dir=data_dir)
     assert ref.metrics["method_info"]["scoring"] == ["prefix_cache"]
-    monkeypatch.setattr(scoring, "_REGISTERED", False)
+    monkeypatch.setattr(shared_prefix, "_REGISTERED", False)
     # Patch only fewtune's own import of the module: transformers keeps using its loaded copy.
     real_import = __import__
 
     def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == missing and globals is not None and globals.get("__name__") == "fewtune.scoring":
+        if name == missing and globals is not None and globals.get("__name__") == "fewtune.shared_prefix":
             raise ImportError(f"No module named '{missing}'")
         return real_import(name, globals, locals, fromlist, level)
 

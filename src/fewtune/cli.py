@@ -38,7 +38,8 @@ def run(
     method: Optional[str] = typer.Option(None, help="method name (see `fewtune methods`)"),
     n: Optional[int] = typer.Option(None, "--n", help="few-shot examples per class"),
     seed: Optional[int] = typer.Option(None, help="data seed (which few-shot sample)"),
-    model: Optional[str] = typer.Option(None, help="'embedded' (default, = smollm2-135m), 'gemma3-270m' (see `fewtune models`), 'tiny-random', HF id or local path"),
+    model: Optional[str] = typer.Option(None, help="'embedded' (default, = smollm2-135m), 'gemma3-270m' (see `fewtune models`), "
+                                         "'tiny-random[:family]' (llama, opt, gpt2, gpt_neox, qwen2, gemma3, phi, gemma2), HF id or local path"),
     pattern: Optional[str] = typer.Option(None, help="prompt pattern (task default: minimal)"),
     eval_limit: Optional[int] = typer.Option(None, help="stratified, seeded subsample of each eval set"),
     eval_sets: Optional[str] = typer.Option(None, help="comma-separated eval sets (task default)"),

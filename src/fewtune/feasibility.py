@@ -25,18 +25,19 @@ from typing import Any
 import torch
 
 from . import embedded
+from .batching import encode_prompts
 from .errors import ContextLengthError, FewtuneError
 from .methods import METHODS, RunContext
 from .methods._trainable import TrainableMethod
 from .methods.distill import Distill
 from .methods.icl import ICL
-from .models import TINY_RANDOM, LoadedModel, embedded_model_dir, load_tokenizer, tiny_config
+from .models import LoadedModel, embedded_model_dir, load_tokenizer
 from .prompts import verbalizer_token_ids
 from .runner import EvalData, load_eval_sets
 from .sampling import few_shot_sample
-from .scoring import encode_prompts
 from .tasks import get_task, load_train
 from .tasks.base import Example
+from .tiny_models import family_of, is_tiny, tiny_config
 
 MAX_TEACHER_BUILD = 2000  # distillation teacher prompts built (pool=train can be the whole train set)
 TEACHER_EXTREMES = 16  # of those, the longest and the shortest (by characters) are tokenized
@@ -85,8 +86,8 @@ class _MemoTokenizer:
 
 def model_window(spec: str, tokenizer: Any) -> int | None:
     """The model's positions (``max_position_embeddings``) from its config, without weights."""
-    if spec == TINY_RANDOM:
-        return tiny_config(tokenizer).max_position_embeddings
+    if is_tiny(spec):
+        return tiny_config(tokenizer, family_of(spec)).max_position_embeddings
     from transformers import AutoConfig
 
     try:

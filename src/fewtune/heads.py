@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .model_adapter import LogitTransform
 from .scoring import head_logits, last_hidden
 
 HeadKind = Literal["linear", "mlp"]
@@ -102,14 +103,16 @@ class LMNet(nn.Module):
     49k-row projection when the loss only looks at the verbalizer.
     """
 
-    def __init__(self, body: nn.Module, lm_head: nn.Module, restrict_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, body: nn.Module, lm_head: nn.Module, restrict_ids: Sequence[int] | None = None,
+                 transform: LogitTransform | None = None) -> None:
         super().__init__()
         self.body = body
         self.lm_head = lm_head
+        self.transform = transform  # the family's logit post-processing (ModelAdapter.logit_transform)
         self.register_buffer(
             "restrict_ids", torch.tensor(list(restrict_ids), dtype=torch.long) if restrict_ids is not None else None,
             persistent=False,
         )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        return head_logits(self.lm_head, last_hidden(self.body, ids, mask, last), self.restrict_ids)
+        return head_logits(self.lm_head, last_hidden(self.body, ids, mask, last), self.restrict_ids, self.transform)

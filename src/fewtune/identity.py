@@ -36,6 +36,7 @@ from typing import Any
 from .config import EMBEDDED_MODEL, RunConfig, RunIdentity
 from .errors import ConfigError, DataError
 from .study.store import DB_NAME, RunRecord, Store
+from .tiny_models import is_tiny
 
 
 def fewtune_version() -> str:
@@ -110,7 +111,8 @@ def model_digest(model: str) -> str | None:
     """Digest of a local model directory or of the embedded model's package (module docstring)."""
     from . import embedded
 
-    emb = embedded.lookup(EMBEDDED_MODEL if model == "tiny-random" else model)  # tiny-random: the embedded tokenizer
+    # tiny-random[:family] uses the embedded tokenizer
+    emb = embedded.lookup(EMBEDDED_MODEL if is_tiny(model) else model)
     if emb is not None:
         return emb.digest()
     root = Path(model).expanduser()

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from . import embedded
+from . import embedded, tiny_models
 from .errors import ConfigError, FewtuneError
+from .model_adapter import ensure_pad_token
+from .tiny_models import is_tiny
 
 EMBEDDED = embedded.EMBEDDED_ALIAS
 TINY_RANDOM = "tiny-random"
@@ -193,44 +195,21 @@ def verify_model_dir(path: Path) -> str | None:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    src = embedded_model_dir(EMBEDDED if spec == TINY_RANDOM else spec) if spec == TINY_RANDOM or embedded.lookup(spec) \
+    src = embedded_model_dir(EMBEDDED if is_tiny(spec) else spec) if is_tiny(spec) or embedded.lookup(spec) \
         else check_model_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise _unknown_model(spec, e) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    ensure_pad_token(tok)
     # Right padding: the scored/pooled position is always ``length - 1`` and positions are 0..len-1.
     tok.padding_side = "right"
     return tok
 
 
 def tiny_config(tokenizer, layers: int = 4, hidden: int = 64, initializer_range: float = 0.3):
-    """A tiny random Llama for tests.
-
-    ``initializer_range`` 0.3 (Llama's default is 0.02): with 0.02 the random model hardly reads
-    its input (the " No"−" Yes" margin varies by ~0.2 nats across queries), so a scoring bug —
-    wrong positions, a misplaced mask, a bf16 head — changes log-probs by less than a test's
-    tolerance. At 0.3 the margins vary by several nats between queries, and such bugs show
-    far above tolerance, while the training tests stay stable at their learning rates.
-    """
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        initializer_range=initializer_range,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    """The tiny random Llama's config (``tiny_models.tiny_config``, which explains the sizes)."""
+    return tiny_models.tiny_config(tokenizer, "llama", layers=layers, hidden=hidden, initializer_range=initializer_range)
 
 
 def quiet_transformers() -> None:
@@ -260,12 +239,10 @@ def load_model(spec: str = EMBEDDED, *, seed: int = 0, dev: torch.device | None 
     kw = {"dtype": DTYPES[dtype]}
     if attn_implementation != "auto":
         kw["attn_implementation"] = attn_implementation
-    if spec == TINY_RANDOM:
+    if is_tiny(spec):
         if device_map is not None:
             raise ConfigError("device_map applies to pretrained models, not to 'tiny-random'", "leave device_map unset")
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(tok), **kw)
-        name = "tiny random Llama (4 layers, d=64)"
+        model, name = tiny_models.build_tiny(spec, tok, seed, load_kw=kw)
     else:
         emb = embedded.lookup(spec)
         src = embedded_model_dir(spec) if emb else spec
@@ -362,18 +339,11 @@ def _hub_unreachable(endpoint: str, timeout: float = 2.0) -> str | None:
 def _unknown_model(spec: str, err: Exception) -> FewtuneError:
     return ConfigError(
         f"cannot load model '{spec}': {str(err).splitlines()[0]}",
-        f"use an embedded model ({', '.join(embedded.MODELS)}; 'embedded' is the default), 'tiny-random', "
+        f"use an embedded model ({', '.join(embedded.MODELS)}; 'embedded' is the default), 'tiny-random[:family]', "
         "a local directory with a Hugging Face model, "
         "or a hub id (needs internet or a populated HF cache)",
     )
 
 
-def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body (hidden states) and the LM head of a causal LM, peft-wrapped or not.
-
-    Scoring only needs the logits at one position; running the body and applying the head to a
-    single hidden state per example avoids a [batch, length, vocab] tensor (49k vocab here).
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, inner.base_model_prefix)
-    return body, inner.get_output_embeddings()
+# Body/head access lives with the rest of the per-family knowledge; re-exported for callers.
+from .model_adapter import backbone_and_head  # noqa: E402,F401

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .scoring import pad_batch
+from .batching import pad_batch
 
 GROUP_WINDOW = 4  # length-grouping window, in batches
 

@@ -46,8 +46,10 @@ from ..calibration import CALIBRATION_HELP, Calibration
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
-from ..models import autocast, backbone_and_head
-from ..scoring import Scores, argmax_breaking_ties, encode_prompts, length_sorted_batches, pad_batch, score_prompts
+from ..batching import encode_prompts, length_sorted_batches, pad_batch
+from ..model_adapter import adapter_for, backbone_and_head
+from ..models import autocast
+from ..scoring import Scores, argmax_breaking_ties, score_prompts
 from ..tasks.base import Example
 from ..training import Batch, TrainResult, enable_gradient_checkpointing, train
 from .base import Method, Predictions
@@ -206,7 +208,7 @@ class TrainableMethod(Method):
                                   dropout=getattr(self.params, "head_dropout", 0.1)).to(self.ctx.device)
             return ClassifierNet(body, self.head)
         restrict = self.ctx.verbalizer.token_ids if getattr(self.params, "restrict_to_verbalizer", False) else None
-        return LMNet(body, lm_head, restrict)
+        return LMNet(body, lm_head, restrict, adapter_for(model).logit_transform)
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups (default: every trainable parameter at ``train.lr``)."""

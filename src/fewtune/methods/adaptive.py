@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import backbone_and_head
+from ..model_adapter import ModelAdapter, backbone_and_head
 from .base import register
 from ._trainable import ObjectiveParams, TrainableMethod
 
@@ -36,20 +36,6 @@ class AdaptiveParams(ObjectiveParams):
     top_layers: int = Field(2, ge=0, description="decoder layers trained, counted from the top")
     train_embeddings: bool = Field(False, description="also train the token/position embeddings (the released code did)")
     llrd: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay γ (None: every trained group at train.lr)")
-
-
-def decoder_layers(body: nn.Module, num_layers: int | None) -> nn.ModuleList:
-    """The stack of decoder blocks: the largest ``ModuleList`` of the backbone (``layers``,
-    ``decoder.layers``, ``h``, …), which must have ``num_hidden_layers`` entries."""
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ConfigError("adaptive fine-tuning: cannot find the decoder layers of this model",
-                          "use a Hugging Face decoder-only model (Llama, OPT, GPT-NeoX, GPT-2 …)")
-    best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    if num_layers is not None and len(best) != num_layers:
-        raise ConfigError(f"adaptive fine-tuning: found {len(best)} decoder blocks, the config says {num_layers}",
-                          "this architecture is not supported by adaptive fine-tuning")
-    return best
 
 
 def partition(body: nn.Module, layers: nn.ModuleList, input_embeddings: nn.Module) -> dict[str, list]:
@@ -84,13 +70,16 @@ class Adaptive(TrainableMethod):
     def adapt_model(self) -> None:
         model = self.ctx.lm.model
         body, lm_head = backbone_and_head(model)
-        L = getattr(model.config, "num_hidden_layers", None)
-        layers = decoder_layers(body, L)
+        try:
+            layers = ModelAdapter.decoder_layers(model)
+        except ConfigError as e:
+            raise ConfigError(f"adaptive fine-tuning: {e.message}", e.hint) from None
         L = len(layers)
         k = self.params.top_layers
         if k > L:
             raise ConfigError(f"params.top_layers={k} but the model has {L} decoder layers", f"use 0 ≤ top_layers ≤ {L}")
         self.parts = partition(body, layers, model.get_input_embeddings())
+        norm = ModelAdapter.final_norm(model)
         self.num_layers = L
         self.trained_layers = list(range(L - k, L))
         for p in model.parameters():
@@ -109,7 +98,7 @@ class Adaptive(TrainableMethod):
                 p.requires_grad_(True)
         self._info.update(
             num_layers=L, trained_layers=self.trained_layers, train_embeddings=self.params.train_embeddings,
-            lm_head_tied_to_embeddings=bool(tied),
+            lm_head_tied_to_embeddings=bool(tied), final_norm=type(norm).__name__ if norm is not None else None,
             embeddings_trained=bool(self.params.train_embeddings or (self.objective == "lm" and tied)),
         )
 

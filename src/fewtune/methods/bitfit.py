@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import backbone_and_head
-from .adaptive import decoder_layers
+from ..model_adapter import ModelAdapter
 from .base import register
 from .lora import load_head, save_head
 from ._peft_saving import SavesAdapter
@@ -79,7 +79,7 @@ class BitFit(SavesAdapter, TrainableMethod):
             p.requires_grad_(False)
         added: list[str] = []
         if self.params.add_biases:
-            layers = decoder_layers(body, getattr(model.config, "num_hidden_layers", None))
+            layers = ModelAdapter.decoder_layers(model)
             prefix = next(n for n, m in body.named_modules() if m is layers) + "."
             added = add_zero_biases(layers, prefix)
         self.trained = bitfit_parameters(body, self.params.norms)

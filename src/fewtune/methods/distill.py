@@ -56,7 +56,7 @@ from pydantic import Field
 from ..config import StrictModel
 from ..errors import ConfigError, TrainingDiverged
 from ..heads import ClassifierNet, init_std, make_head
-from ..models import backbone_and_head
+from ..model_adapter import backbone_and_head
 from ..sampling import balanced_demonstrations
 from ..scoring import argmax_breaking_ties, score_prompts
 from ..tasks.base import Example

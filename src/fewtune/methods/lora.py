@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..heads import make_head
+from ..model_adapter import adapter_for
 from .base import register
 from ._trainable import ObjectiveParams, TrainableMethod
 
@@ -52,15 +53,8 @@ class LoRAOptions(ObjectiveParams):
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """peft's default LoRA target modules for this architecture."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = MAPPING.get(model_type)
-    if not targets:
-        raise ConfigError(f"peft has no default LoRA target modules for model type '{model_type}'",
-                          "set params.target_modules, e.g. [q_proj, v_proj]")
-    return list(targets)
+    """peft's default LoRA target modules for this architecture (``ModelAdapter.lora_targets``)."""
+    return adapter_for(model).lora_targets()
 
 
 def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str] | None,
