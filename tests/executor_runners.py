@@ -86,3 +86,12 @@ def slow_logged(cfg, out_dir: Path, *, data_dir=None, progress=None):
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics))
     event("end")
     return result
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state

@@ -97,19 +97,11 @@ def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path)
         run_study(study, tmp_path, show_progress=False, executor=SubprocessExecutor(runners.hangs_mid_write, preload=[]))
     child = int((tmp_path / "runs" / f"{first.run_id}.pid").read_text())
     assert (tmp_path / "runs" / f"{first.run_id}.interrupted").exists()  # stopped by the executor, cleanly
-    assert not _alive(child)  # and reaped: no orphan
+    assert not runners.alive(child)  # and reaped: no orphan
     with Store(tmp_path) as s:
         assert s.counts() == {"pending": 4, "running": 0, "done": 0, "failed": 0}
     assert not list((tmp_path / "runs").glob(".*tmp-*"))  # no half-written run directory
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper does not count)."""
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in state
 
 
 def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> None:
@@ -130,9 +122,9 @@ def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> No
     parent.kill()
     parent.wait(10)
     deadline = time.time() + 10
-    while _alive(child) and time.time() < deadline:
+    while runners.alive(child) and time.time() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not runners.alive(child)
 
 
 def test_deleted_run_directory_is_run_again_on_resume(tmp_path: Path) -> None:

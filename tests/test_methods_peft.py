@@ -164,8 +164,10 @@ def test_virtual_tokens_reach_the_model_exactly_as_in_peft(method):
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
 def test_shared_prefix_cache_is_bypassed_and_agrees_with_naive(method):
     m, _, _ = trained(method, {"objective": "lm", "num_virtual_tokens": 3})
-    queries = ["a red apple ?", "my old brick ?", "one cherry ?"]
-    kw = dict(prefix="the stone ? No the banana ? Yes ", batch_size=2)
+    # Queries continue the prefix after a space, as ICL builds them, so prefix + query tokenize
+    # as the joint text does and it is the prompted view (no KV cache) that rules the cache out.
+    queries = [" a red apple ?", " my old brick ?", " one cherry ?"]
+    kw = dict(prefix="the stone ? No the banana ? Yes", batch_size=2)
     cached = score_prompts(m.scoring_model(), m.ctx.lm.tokenizer, queries, m.ctx.verbalizer.token_ids, use_prefix_cache=True, **kw)
     naive = score_prompts(m.scoring_model(), m.ctx.lm.tokenizer, queries, m.ctx.verbalizer.token_ids, use_prefix_cache=False, **kw)
     assert cached.path == PATH_NAIVE and "prefix cache not used" in cached.note

@@ -236,9 +236,10 @@ def test_builtin_verbalizers_are_single_gemma_tokens(gemma_tokenizer):
     (so no per-model verbalizer words are needed for Gemma)."""
     from fewtune.prompts import verbalizer_token_ids
     from fewtune.tasks import TASKS
+    from fewtune.tasks.builtin import NAMES
 
     seen = 0
-    for name in TASKS.names():
+    for name in NAMES:  # not TASKS.names(): other tests register custom tasks with odd verbalizers
         for pattern in TASKS.get(name).patterns.values():
             v = verbalizer_token_ids(gemma_tokenizer, pattern.verbalizer)
             assert all(t == "▁" + w.strip() for t, w in zip(v.tokens, v.words)), (name, pattern.name, v)

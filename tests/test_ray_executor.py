@@ -134,19 +134,12 @@ def test_ctrl_c_cancels_the_task_and_leaves_the_run_pending(tmp_path: Path, clus
     (pid_file,) = (tmp_path / "pids").iterdir()
     pid = int(pid_file.stem)
     deadline = time.time() + 30
-    while _alive(pid) and time.time() < deadline:
+    while runners.alive(pid) and time.time() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)  # the task was cancelled: its worker is gone
+    assert not runners.alive(pid)  # the task was cancelled: its worker is gone
     with Store(tmp_path / "s") as s:
         assert s.counts() == {"pending": 4, "running": 0, "done": 0, "failed": 0}
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in state
 
 
 def test_cli_ray_failed_run_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path, cluster) -> None:
