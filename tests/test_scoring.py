@@ -68,6 +68,27 @@ def test_prefix_cache_matches_naive_fp32(lm, label_ids):
     assert naive.tokens_scored == len(QUERIES) * len(enc.prefix_ids) + sum(len(q) for q in enc.query_ids)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # grouped-query heads; plain multi-head
+def test_sdpa_prefix_kernel_matches_naive_and_the_fp32_kernel(family, label_ids, monkeypatch):
+    """The SDPA kernel (the default on CUDA) computes the same attention as the fp32 kernel."""
+    from fewtune import shared_prefix
+    from fewtune.models import load_model
+
+    calls = []
+    real = shared_prefix._sdpa_attention
+    monkeypatch.setattr(shared_prefix, "_sdpa_attention", lambda *a: calls.append(1) or real(*a))
+    lm = load_model(f"tiny-random:{family}", seed=0)
+    naive = _score(lm, label_ids, prefix=PREFIX, use_prefix_cache=False, precision="fp32", batch_size=4)
+    with shared_prefix.prefix_kernel("fp32"):
+        fp32 = _score(lm, label_ids, prefix=PREFIX, precision="fp32", batch_size=4)
+    assert not calls
+    with shared_prefix.prefix_kernel("sdpa"):
+        sdpa = _score(lm, label_ids, prefix=PREFIX, precision="fp32", batch_size=4)
+    assert calls and sdpa.path == fp32.path == PATH_PREFIX_CACHE
+    np.testing.assert_allclose(sdpa.label_logprobs, naive.label_logprobs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sdpa.label_logprobs, fp32.label_logprobs, atol=1e-4, rtol=0)
+
+
 def test_prefix_cache_matches_naive_bf16(lm, label_ids):
     """bf16 autocast rounds differently on the two paths; both stay close to the fp32 answer.
 

@@ -16,6 +16,16 @@ of a call (``shared_prefix_mode``), and ``query_hidden`` checks that every layer
 a model whose attention does not (custom code, sliding windows, attention sinks, soft-capping) or
 that cannot return a plain cache raises ``PrefixCacheUnsupported``, and scoring falls back to the
 naive path. Families known not to fit are declared in ``model_adapter`` and skip the attempt.
+
+Two kernels compute the same attention (``KERNELS``; ``auto`` picks by device):
+- ``fp32`` (CPU): the prefix read once per batch, never copied, softmax statistics in fp32 —
+  exact to ~1e-6 of naive scoring, and the fastest on CPU, but it materialises the fp32 scores of
+  every head ([H, B·q, P]), which at 7B scale and long prefixes costs memory and bandwidth.
+- ``sdpa`` (CUDA): the prefix keys/values expanded to the batch and concatenated with the
+  queries' own, then one ``scaled_dot_product_attention`` with a [prefix: all ; own: causal] mask,
+  so PyTorch's fused (memory-efficient/flash) kernels run and no score matrix is materialised;
+  the price is a B × P copy of the prefix keys/values per layer for the call.
+``prefix_kernel("sdpa")`` forces one (tests, ``bench/bench_prefix_kernels.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 _ATTN_NAME = "fewtune_shared_prefix"
+KERNELS = ("auto", "fp32", "sdpa")
 
 
 class PrefixCacheUnsupported(RuntimeError):
@@ -47,6 +59,19 @@ class PrefixKV:
 class _Active(threading.local):
     prefix: PrefixKV | None = None
     calls: int = 0
+    kernel: str = "auto"
+
+
+@contextmanager
+def prefix_kernel(kernel: str) -> Iterator[None]:
+    """Use ``kernel`` (one of ``KERNELS``) for shared-prefix attention while inside."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown prefix kernel '{kernel}' (expected one of {KERNELS})")
+    before, _ACTIVE.kernel = _ACTIVE.kernel, kernel
+    try:
+        yield
+    finally:
+        _ACTIVE.kernel = before
 
 
 _ACTIVE = _Active()
@@ -93,6 +118,8 @@ def shared_prefix_attention(
     g, p, dv = h // hkv, pk.shape[2], value.shape[-1]
     scale = scaling if scaling is not None else d**-0.5
     _ACTIVE.calls += 1
+    if _ACTIVE.kernel == "sdpa" or (_ACTIVE.kernel == "auto" and query.is_cuda):
+        return _sdpa_attention(query, key, value, pk, pv, _own_mask(attention_mask, q, query.device), scale), None
 
     qg = query.reshape(b, hkv, g, q, d)
     rows = qg.transpose(0, 1).reshape(hkv, b * g * q, d)  # batch folded into rows
@@ -114,6 +141,29 @@ def shared_prefix_attention(
     out = torch.matmul(p_pre.view(hkv, b * g * q, p), pv[0].to(value.dtype)).view(hkv, b, g, q, dv)
     out = out + torch.matmul(p_own, value.transpose(0, 1).unsqueeze(2))
     return out.permute(1, 3, 0, 2, 4).reshape(b, q, h, dv), None
+
+
+def _own_mask(attention_mask: torch.Tensor | None, q: int, dev: torch.device) -> torch.Tensor:
+    """The queries' own [b|1, 1, q, q] boolean mask (True: attend): the model's, else causal."""
+    if attention_mask is None:
+        return torch.ones(q, q, dtype=torch.bool, device=dev).tril_()[None, None]
+    m = attention_mask[..., -q:]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def _sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                    own: torch.Tensor, scale: float) -> torch.Tensor:
+    """[prefix ; own] attention through ``scaled_dot_product_attention`` (see the module doc)."""
+    b, h, q, _ = query.shape
+    hkv, p = key.shape[1], pk.shape[2]
+    k = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
+    v = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    if h != hkv:  # grouped-query heads (enable_gqa needs torch >= 2.5; repeat works everywhere)
+        k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+    own = own.expand(b, 1, q, q)
+    mask = torch.cat([own.new_ones(b, 1, q, p), own], dim=-1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
 
 
 def _register() -> None:

@@ -1,0 +1,79 @@
+"""Benchmark 8: the two shared-prefix attention kernels (fp32 vs SDPA) against naive scoring.
+
+16-shot MNLI ICL prompts (as benchmark 1), the embedded model, on whatever device is present.
+The ``fp32`` kernel reads the cached prefix once per batch and materialises fp32 scores for every
+head; the ``sdpa`` kernel copies the prefix keys/values per batch and runs PyTorch's fused
+``scaled_dot_product_attention`` (``fewtune.shared_prefix``). ``auto`` picks ``fp32`` on CPU and
+``sdpa`` on CUDA. Each kernel is timed interleaved (median of ``--repeats``) and compared with
+naive full-prompt scoring in fp32 on the same queries (largest |Δ log-prob|).
+
+    python bench/bench_prefix_kernels.py            # 64 queries
+    python bench/bench_prefix_kernels.py --quick    # 16 queries
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_icl_prefix_cache import build_prompts  # noqa: E402
+from common import base_parser, interleaved, load_average, machine_lines, md_table, median, setup, write_section  # noqa: E402
+
+KERNELS = ("fp32", "sdpa")
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=64)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="embedded")
+    args = p.parse_args()
+    if args.quick:
+        args.queries, args.repeats = 16, 1
+    setup(args)
+    load_before = load_average()
+
+    from fewtune.models import device, load_model, resolve_precision
+    from fewtune.scoring import score_prompts
+    from fewtune.shared_prefix import prefix_kernel
+
+    dev = device()
+    lm = load_model(args.model, dev=dev)
+    prefix, queries, label_ids = build_prompts(lm.tokenizer, args.shots, args.queries)
+    default = resolve_precision("auto", dev)
+
+    def score(kernel: str | None, precision: str):
+        if kernel is None:
+            return score_prompts(lm.model, lm.tokenizer, queries, label_ids, prefix=prefix, batch_size=args.batch_size,
+                                 precision=precision, use_prefix_cache=False)
+        with prefix_kernel(kernel):
+            return score_prompts(lm.model, lm.tokenizer, queries, label_ids, prefix=prefix, batch_size=args.batch_size,
+                                 precision=precision)
+
+    naive = score(None, "fp32")
+    rows = []
+    for precision in dict.fromkeys([default, "fp32"]):
+        times = interleaved({k: (lambda k=k: score(k, precision)) for k in KERNELS}, args.repeats)
+        for k in KERNELS:
+            s = score(k, precision)
+            assert s.path == "prefix_cache", s.note
+            diff = float(np.nanmax(np.abs(s.label_logprobs - naive.label_logprobs)))
+            agree = float((s.predictions() == naive.predictions()).mean())
+            rows.append([k, precision, f"{median(times[k]):.2f}", f"{median(times[k]) / median(times['fp32']):.2f}×",
+                         f"{diff:.1e}", f"{agree:.3f}"])
+            print(*rows[-1], sep=" | ", flush=True)
+    body = (f"{args.model}, {args.shots}-shot MNLI ICL, {args.queries} queries, batch {args.batch_size}, device "
+            f"{dev.type}; median of {args.repeats} interleaved repeats. Δ and agreement against naive scoring in fp32.\n\n"
+            + md_table(["kernel", "precision", "seconds", "÷ fp32 kernel", "max |Δ log-prob|", "agreement"], rows)
+            + "\n\n" + machine_lines(load_before, load_average()))
+    write_section("prefix-kernels", "8. Shared-prefix attention kernels: fp32 vs SDPA", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
