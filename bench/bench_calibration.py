@@ -76,7 +76,7 @@ def main() -> None:
             "and accuracy with it; MCC, the ability to tell the classes apart, is what it cannot create. "
             "Compare accuracy against the majority baseline and MCC against 0.\n\n"
             + machine_lines(load_before, load_average()))
-    write_section("calibration", "7. Calibration of zero-shot and ICL (CoLA)", body)
+    write_section("calibration", "8. Calibration of zero-shot and ICL (CoLA)", body)
     print(body)
 
 

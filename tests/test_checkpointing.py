@@ -49,3 +49,22 @@ def test_a_model_without_checkpointing_support_is_a_config_error():
 
 def test_the_option_defaults_off():
     assert TrainConfig().gradient_checkpointing is False
+
+
+def test_bf16_weights_with_checkpointing_train_through_the_cli(tmp_path, data_dir):
+    """The big-model combination: bf16 weights (adapters only) + gradient checkpointing trains."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fewtune", "run", "--model", "tiny-random", "--task", "cola", "--method", "lora",
+         "--n", "4", "--out", str(out), "--set", "eval_limit=8", "--set", "model_dtype=bf16",
+         "--set", "train.gradient_checkpointing=true", "--set", "train.max_steps=3", "--set", "train.batch_size=4",
+         "--set", "train.lr=1e-2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_load"]["dtype"] == "bfloat16"
+    losses = metrics["train"]["loss_history"]
+    assert len(losses) == 3 and all(map(lambda x: x == x and abs(x) < 1e3, losses))
