@@ -71,7 +71,8 @@ def main() -> None:
             f"{dev.type}; median of {args.repeats} interleaved repeats. Δ and agreement against naive scoring in fp32.\n\n"
             + md_table(["kernel", "precision", "seconds", "÷ fp32 kernel", "max |Δ log-prob|", "agreement"], rows)
             + "\n\n" + machine_lines(load_before, load_average()))
-    write_section("prefix-kernels", "9. Shared-prefix attention kernels: fp32 vs SDPA", body)
+    if not args.no_write:
+        write_section("prefix-kernels", "9. Shared-prefix attention kernels: fp32 vs SDPA", body)
     print(body)
 
 
