@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from executor_runners import alive as _alive
 from fewtune.study.store import Store
-from test_executors import _alive, _per_run
+from test_executors import _per_run
+
 
 TESTS = Path(__file__).resolve().parent
 TINY = {"name": "tiny", "model": "tiny-random", "n": 2, "seed": [0, 1], "eval_limit": 8, "eval_batch_size": 8,
