@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, base_parser, data_dir, load_average, machine_lines, md_table, median, write_section  # noqa: E402
 
@@ -69,8 +71,14 @@ def run_study(spec: tuple[str, int], out: Path, args, threads: int) -> float:
 
 
 def run_metrics(out: Path) -> dict[str, dict]:
-    """Per run id (the directory name): its metrics.json."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/metrics.json"))}
+    """Per run (keyed by what it computes, not its id: the id also covers the git commit, which a
+    commit during a long benchmark would change): its metrics.json."""
+    out_runs = {}
+    for p in sorted((out / "runs").glob("*/metrics.json")):
+        m = json.loads(p.read_text())
+        params = json.loads(json.dumps(yaml.safe_load((p.parent / "config.yaml").read_text()).get("params"), sort_keys=True))
+        out_runs[f"{m['method']}|{m['task']}|n={m['n']}|seed={m['seed']}|{json.dumps(params, sort_keys=True)}"] = m
+    return out_runs
 
 
 def measure(specs: list[tuple[str, int]], args, threads: int, tmp: Path) -> tuple[dict, dict, dict]:
@@ -84,7 +92,7 @@ def measure(specs: list[tuple[str, int]], args, threads: int, tmp: Path) -> tupl
             times[spec].append(run_study(spec, out, args, threads))
             ms = run_metrics(out)
             own[spec].append(sum(m["wall_seconds"] for m in ms.values()))
-            evals[spec] = {rid: json.dumps(m["eval"], sort_keys=True) for rid, m in ms.items()}
+            evals[spec] = {key: json.dumps(m["eval"], sort_keys=True) for key, m in ms.items()}
             print(f"{label(spec)} (repetition {r + 1}): {times[spec][-1]:.1f} s, {len(ms)} runs", flush=True)
     return times, own, evals
 
@@ -141,7 +149,7 @@ alternated.
 
 {table(specs, times, own, args.runs)}
 
-Same metrics per run id through every executor: **{'yes' if same else 'NO'}**.
+Same metrics per run through every executor: **{'yes' if same else 'NO'}**.
 
 {goals(specs, times)}
 
