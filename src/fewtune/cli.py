@@ -84,7 +84,11 @@ def run(
 
 def print_summary(metrics: dict) -> None:
     r = metrics["resources"]
-    table = Table(title=escape(f"{metrics['method']} · {metrics['task']} · n={metrics['n']} · seed={metrics['seed']} · {metrics['model_name']}"))
+    from .methods import METHODS
+
+    uses_sample = METHODS.get(metrics["method"]).uses_sample  # zero-shot reads no sample: its n is n/a
+    n, seed = (f"n={metrics['n']}", f"seed={metrics['seed']}") if uses_sample else ("n n/a", "no sample")
+    table = Table(title=escape(f"{metrics['method']} · {metrics['task']} · {n} · {seed} · {metrics['model_name']}"))
     for col in ("eval set", "domain", "n", "accuracy", "MCC", "majority", "skipped", "outside verb."):
         table.add_column(col, justify="right" if col not in ("eval set", "domain") else "left")
     for name, m in metrics["eval"].items():
