@@ -108,3 +108,14 @@ def test_custom_task_with_multi_token_verbalizer_is_refused(tmp_path, data_dir):
                   "--out", str(tmp_path / "o"), data_dir=data_dir, cwd=tmp_path)
     assert res.returncode == 2 and "not one" in res.stderr and "Supercalifragilistic" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_zero_shot_summary_says_n_is_not_applicable(tmp_path, data_dir):
+    """Zero-shot reads no few-shot sample: its n and seed are not shown as if they mattered."""
+    common = ("--model", "tiny-random", "--eval-limit", "8")
+    res = fewtune("run", *common, "--method", "zero-shot", "--out", "z", data_dir=data_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    title = next(line for line in res.stdout.splitlines() if "zero-shot ·" in line)
+    assert "n n/a" in title and "n=" not in title
+    res = fewtune("run", *common, "--method", "icl", "--n", "2", "--out", "i", data_dir=data_dir, cwd=tmp_path)
+    assert "n=2" in next(line for line in res.stdout.splitlines() if "icl ·" in line)
