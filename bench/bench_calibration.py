@@ -18,14 +18,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, data_dir, load_average, machine_lines, md_table, setup, stopwatch, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    data_dir,
+    load_average,
+    machine_lines,
+    md_table,
+    setup,
+    stopwatch,
+    write_section,
+)
 
 MODES = ("none", "contextual", "batch")
 
 
 def run_one(method: str, mode: str, seed: int, args) -> dict:
     from fewtune.config import RunConfig
-    from fewtune.runner import run_experiment
+    from fewtune.run.runner import run_experiment
 
     cfg = RunConfig(task="cola", method=method, n=args.n, seed=seed, eval_limit=args.limit,
                     params={"calibration": mode})

@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, data_dir, load_average, machine_lines, md_table, setup, stopwatch, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    data_dir,
+    load_average,
+    machine_lines,
+    md_table,
+    setup,
+    stopwatch,
+    write_section,
+)
 
 
 def main() -> None:
@@ -41,11 +50,11 @@ def main() -> None:
     import bench_icl_prefix_cache as icl
     import released
 
-    from fewtune.models import device, load_model, resolve_precision
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.sampling import stratified_subsample
-    from fewtune.scoring import score_prompts
+    from fewtune.models.loading import device, load_model, resolve_precision
+    from fewtune.scoring.scorer import score_prompts
     from fewtune.tasks import get_task, load_eval
+    from fewtune.tasks.prompts import verbalizer_token_ids
+    from fewtune.tasks.sampling import stratified_subsample
 
     dev = device()
     task = get_task("mnli")

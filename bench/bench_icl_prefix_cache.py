@@ -1,7 +1,7 @@
 """Benchmark 1: ICL scoring with the shared-prefix KV cache vs naive full-prompt scoring.
 
 16-shot MNLI (8 demonstrations per class, llmft's minimal pattern, seed 0), the embedded model,
-≥ 200 MNLI-m queries. Both paths score exactly the same token sequences (``fewtune.scoring``).
+≥ 200 MNLI-m queries. Both paths score exactly the same token sequences (``fewtune.scoring.scorer``).
 
 Timing is interleaved so that load drift on a shared machine hits both alike: the cached run over
 all queries is timed three times, before, between and after the naive run's chunks; the cached
@@ -21,16 +21,30 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, data_dir, load_average, machine_lines, md_table, median, setup, stopwatch, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    data_dir,
+    load_average,
+    machine_lines,
+    md_table,
+    median,
+    setup,
+    stopwatch,
+    write_section,
+)
 
 GOAL = 8.0
 
 
 def build_prompts(tok, shots: int, queries: int, seed: int = 0) -> tuple[str, list[str], tuple[int, ...]]:
     """The ICL prefix (balanced, shuffled demonstrations) and the queries, as ``methods.icl`` builds them."""
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.sampling import balanced_demonstrations, few_shot_sample, stratified_subsample
     from fewtune.tasks import get_task, load_eval, load_train
+    from fewtune.tasks.prompts import verbalizer_token_ids
+    from fewtune.tasks.sampling import (
+        balanced_demonstrations,
+        few_shot_sample,
+        stratified_subsample,
+    )
 
     task = get_task("mnli")
     pattern = task.pattern(None)
@@ -57,8 +71,8 @@ def main() -> None:
     setup(args)
     load_before = load_average()
 
-    from fewtune.models import device, load_model, resolve_precision
-    from fewtune.scoring import encode_prompts, score_prompts
+    from fewtune.models.loading import device, load_model, resolve_precision
+    from fewtune.scoring.scorer import encode_prompts, score_prompts
 
     dev = device()
     lm = load_model(args.model, dev=dev)

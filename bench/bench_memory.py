@@ -33,7 +33,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, load_average, machine_lines, md_table, setup, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    load_average,
+    machine_lines,
+    md_table,
+    setup,
+    write_section,
+)
 
 METHODS = ["vanilla", "pbft", "adaptive", "lora", "distill"]
 GOALS = {"distill": ("vanilla", 1.1), "lora": ("vanilla", 0.6)}
@@ -52,13 +59,12 @@ def child(method: str, steps: int, precision: str) -> dict:
     import peft  # noqa: F401  (imported before the baseline so every method's baseline is the same)
     import torch
     import transformers  # noqa: F401
+    from common import build_method
 
     import fewtune.methods  # noqa: F401
     from fewtune.config import RunConfig
-    from fewtune.models import device
-    from fewtune.resources import count_parameters, reset_peak_rss
-
-    from common import build_method
+    from fewtune.models.loading import device
+    from fewtune.run.resources import count_parameters, reset_peak_rss
 
     dev = device()
     rss_start = _rss_mb()

@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, data_dir, load_average, machine_lines, md_table, setup, stopwatch, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    data_dir,
+    load_average,
+    machine_lines,
+    md_table,
+    setup,
+    stopwatch,
+    write_section,
+)
 
 TASKS = ("cola", "mnli")
 GOAL_AGREEMENT = 0.97
@@ -44,7 +53,7 @@ def bf16_head():
     """The old behaviour: the LM head inside bf16 autocast, so logits come out in bf16."""
     import torch
 
-    from fewtune import scoring
+    from fewtune.scoring import scorer as scoring
 
     def head_logits(head, h, rows=None):
         with torch.autocast(device_type=h.device.type, dtype=torch.bfloat16):
@@ -69,11 +78,11 @@ def main() -> None:
     setup(args)
     load_before = load_average()
 
-    from fewtune.models import device, load_model, resolve_precision
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.sampling import stratified_subsample
-    from fewtune.scoring import score_prompts
+    from fewtune.models.loading import device, load_model, resolve_precision
+    from fewtune.scoring.scorer import score_prompts
     from fewtune.tasks import get_task, load_eval
+    from fewtune.tasks.prompts import verbalizer_token_ids
+    from fewtune.tasks.sampling import stratified_subsample
 
     dev = device()
     default = resolve_precision("auto", dev)

@@ -3,7 +3,7 @@
 16-shot MNLI ICL prompts (as benchmark 1), the embedded model, on whatever device is present.
 The ``fp32`` kernel reads the cached prefix once per batch and materialises fp32 scores for every
 head; the ``sdpa`` kernel copies the prefix keys/values per batch and runs PyTorch's fused
-``scaled_dot_product_attention`` (``fewtune.shared_prefix``). ``auto`` picks ``fp32`` on CPU and
+``scaled_dot_product_attention`` (``fewtune.scoring.shared_prefix``). ``auto`` picks ``fp32`` on CPU and
 ``sdpa`` on CUDA. Each kernel is timed interleaved (median of ``--repeats``) and compared with
 naive full-prompt scoring in fp32 on the same queries (largest |Δ log-prob|).
 
@@ -20,7 +20,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_icl_prefix_cache import build_prompts  # noqa: E402
-from common import base_parser, interleaved, load_average, machine_lines, md_table, median, setup, write_section  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    interleaved,
+    load_average,
+    machine_lines,
+    md_table,
+    median,
+    setup,
+    write_section,
+)
 
 KERNELS = ("fp32", "sdpa")
 
@@ -38,9 +47,9 @@ def main() -> None:
     setup(args)
     load_before = load_average()
 
-    from fewtune.models import device, load_model, resolve_precision
-    from fewtune.scoring import score_prompts
-    from fewtune.shared_prefix import prefix_kernel
+    from fewtune.models.loading import device, load_model, resolve_precision
+    from fewtune.scoring.scorer import score_prompts
+    from fewtune.scoring.shared_prefix import prefix_kernel
 
     dev = device()
     lm = load_model(args.model, dev=dev)

@@ -5,7 +5,7 @@ real token) for one epoch, each from freshly loaded weights:
 
 - **released** — the study's pipeline reproduced (``released.py``): HF ``Trainer`` +
   ``AutoModelForSequenceClassification``, every input padded to 128 tokens, fp32, batch 32.
-- **fewtune** — ``vanilla``'s ``fit`` (``fewtune.training``: accelerate, bf16 autocast where the
+- **fewtune** — ``vanilla``'s ``fit`` (``fewtune.training.loop``: accelerate, bf16 autocast where the
   hardware has it, dynamic padding, length-grouped batches), input ``raw`` (the bare sentence, as
   the released code fed it) so that both see the same text.
 - **bare** — a minimal PyTorch loop (autocast, AdamW, linear warmup schedule, clipping) on
@@ -33,7 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    base_parser, build_method, load_average, machine_lines, md_table, setup, stopwatch, write_section,
+    base_parser,
+    build_method,
+    load_average,
+    machine_lines,
+    md_table,
+    setup,
+    stopwatch,
+    write_section,
 )
 
 GOAL_RELEASED, GOAL_BARE = 5.0, 1.15
@@ -65,10 +72,10 @@ def run_bare(seqs: list[list[int]], labels: list[int], precision: str, model_see
     """The least a loop can do on fewtune's batches: forward, CE, backward, clip, AdamW, schedule."""
     from transformers import get_linear_schedule_with_warmup
 
-    from fewtune.heads import init_std, make_head
-    from fewtune.models import autocast, backbone_and_head, device, load_model
-    from fewtune.scoring import last_hidden, pad_batch
-    from fewtune.training import LengthGroupedBatches
+    from fewtune.models.loading import autocast, backbone_and_head, device, load_model
+    from fewtune.scoring.heads import init_std, make_head
+    from fewtune.scoring.scorer import last_hidden, pad_batch
+    from fewtune.training.loop import LengthGroupedBatches
 
     dev = device()
     lm = load_model("embedded", dev=dev)
@@ -104,7 +111,7 @@ def run_bare(seqs: list[list[int]], labels: list[int], precision: str, model_see
 
 def padded_tokens(seqs: list[list[int]], group: bool, batch_size: int = 32, seed: int = 0) -> int:
     """Tokens one epoch runs (batch × longest in batch) with fewtune's sampler, grouped or not."""
-    from fewtune.training import LengthGroupedBatches
+    from fewtune.training.loop import LengthGroupedBatches
 
     lens = [len(s) for s in seqs]
     return sum(len(b) * max(lens[i] for i in b) for b in LengthGroupedBatches(lens, batch_size, seed, group))
@@ -113,11 +120,10 @@ def padded_tokens(seqs: list[list[int]], group: bool, batch_size: int = 32, seed
 def run_released(n: int, max_steps: int | None = None) -> tuple[float, dict]:
     """The study's pipeline for one epoch: Trainer + seq-cls model, padding to 128, fp32."""
     import released
-
-    from fewtune.sampling import few_shot_sample
-    from fewtune.tasks import get_task, load_train
-
     from common import data_dir
+
+    from fewtune.tasks import get_task, load_train
+    from fewtune.tasks.sampling import few_shot_sample
 
     task = get_task("cola")
     sample = few_shot_sample(load_train(task, data_dir()), n, 0, task.num_labels).examples
@@ -145,7 +151,7 @@ def main() -> None:
         args.n = 16
     setup(args)
     load_before = load_average()
-    from fewtune.models import device, resolve_precision
+    from fewtune.models.loading import device, resolve_precision
 
     precision = resolve_precision(args.precision, device())
     times: dict[str, list[float]] = {"fewtune": [], "bare": [], "released": []}

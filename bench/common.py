@@ -49,10 +49,10 @@ def load_average() -> str:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    from fewtune.models import device, resolve_precision
-    from fewtune.resources import machine_info as base_info
-
     import transformers
+
+    from fewtune.models.loading import device, resolve_precision
+    from fewtune.run.resources import machine_info as base_info
 
     info = base_info()
     info["transformers"] = transformers.__version__
@@ -166,13 +166,13 @@ def build_method(cfg, lm=None):
     """A method ready to ``fit``, prepared exactly as ``runner.run_experiment`` prepares it
     (resolved config, few-shot sample, model, verbalizer, precision); returns (method, sample
     examples). Lets a benchmark time ``fit`` alone, without evaluation or file writing."""
-    from fewtune.resolve import resolve
     from fewtune.methods import METHODS, RunContext
-    from fewtune.models import device, load_model, resolve_precision
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.resources import ResourceMeter
-    from fewtune.sampling import few_shot_sample
+    from fewtune.models.loading import device, load_model, resolve_precision
+    from fewtune.run.resolve import resolve
+    from fewtune.run.resources import ResourceMeter
     from fewtune.tasks import get_task, load_train
+    from fewtune.tasks.prompts import verbalizer_token_ids
+    from fewtune.tasks.sampling import few_shot_sample
 
     cfg = resolve(cfg)
     task = get_task(cfg.task)

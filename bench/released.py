@@ -49,7 +49,7 @@ def load_seqcls(num_labels: int = 2, seed: int = 42, dev: torch.device | None = 
     """AutoModelForSequenceClassification on the embedded weights, fp32, random head (seeded)."""
     from transformers import AutoModelForSequenceClassification
 
-    from fewtune.models import device, embedded_model_dir, load_tokenizer
+    from fewtune.models.loading import device, embedded_model_dir, load_tokenizer
 
     tok = load_tokenizer("embedded")
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's tokenizer (local, no hub)."""
-    from fewtune.models import load_tokenizer
+    from fewtune.models.loading import load_tokenizer
 
     return load_tokenizer("embedded")
 
@@ -38,7 +38,7 @@ def tokenizer():
 @pytest.fixture()
 def tiny_lm():
     """A fresh tiny randomly initialised Llama with the real tokenizer (seeded)."""
-    from fewtune.models import load_model
+    from fewtune.models.loading import load_model
 
     return load_model("tiny-random", seed=0)
 

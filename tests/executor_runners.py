@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 from fewtune.errors import TrainingDiverged
 
-
 ID_SETS = ("cola-id", "mnli-m")
 
 

@@ -10,7 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from fewtune.calibration import CONTENT_FREE, apply, calibrate, mean_distribution
+from fewtune.scoring.calibration import (
+    CONTENT_FREE,
+    apply,
+    calibrate,
+    mean_distribution,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,11 +86,11 @@ def test_icl_contextual_bias_is_measured_in_the_runs_own_prompt(icl_runs, data_d
     """Recompute the bias independently: the same demonstrations, then each content-free query."""
     import torch
 
-    from fewtune.calibration import mean_distribution
-    from fewtune.models import load_model
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.scoring import score_prompts
+    from fewtune.models.loading import load_model
+    from fewtune.scoring.calibration import mean_distribution
+    from fewtune.scoring.scorer import score_prompts
     from fewtune.tasks import get_task, load_train
+    from fewtune.tasks.prompts import verbalizer_token_ids
 
     metrics = json.loads((icl_runs["contextual"] / "metrics.json").read_text())
     record = metrics["eval"]["cola-id"]["calibration"]

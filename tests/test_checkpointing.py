@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_methods_train import make, toy_examples  # noqa: E402
 
 from fewtune.config import TrainConfig
 from fewtune.errors import ConfigError
-from fewtune.training import enable_gradient_checkpointing
-
-from test_methods_train import make, toy_examples  # noqa: E402
+from fewtune.training.loop import enable_gradient_checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_stats import make_run
 
-from fewtune import claims as cl
 from fewtune import stats as st
 from fewtune.errors import ConfigError
-from fewtune.resample import PairedBootstrap, Scores, Term, paired_bootstrap
+from fewtune.stats import claims as cl
+from fewtune.stats.resample import PairedBootstrap, Scores, Term, paired_bootstrap
 from fewtune.study import parse_study
 
 SPECS = {c["key"]: c for c in cl.load_claims("srinivasan2024")}

@@ -273,7 +273,7 @@ def test_an_unknown_hub_model_with_no_hub_fails_fast(tmp_path, data_dir, env):
 @pytest.mark.integration  # converts the embedded model again: ~40 s (verify_model_dir has a fast unit test)
 @pytest.mark.parametrize("victim", ["tokenizer.json", "model.safetensors"])
 def test_a_truncated_cached_model_is_rebuilt(tmp_path, data_dir, victim):
-    from fewtune.models import embedded_model_dir
+    from fewtune.models.loading import embedded_model_dir
 
     real = embedded_model_dir()
     cache = tmp_path / "cache" / "models" / real.name

@@ -8,14 +8,13 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from test_cli import BASE, fewtune
 
 pytestmark = pytest.mark.usefixtures("data_dir")
@@ -35,12 +34,12 @@ def fewtune_patched(patch: str, *args: str, data_dir: Path, cwd: Path) -> subpro
                               timeout=300)
 
 
-NO_WORK = ("import fewtune.runner, fewtune.study\n"
+NO_WORK = ("import fewtune.run.runner, fewtune.study\n"
            "def boom(*a, **k): raise SystemExit('work started')\n"
-           "fewtune.runner.load_model = boom\nfewtune.study.run_study = boom\n")
-DISK_FULL = ("import fewtune.runner\n"
+           "fewtune.run.runner.load_model = boom\nfewtune.study.run_study = boom\n")
+DISK_FULL = ("import fewtune.run.runner\n"
              "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-             "fewtune.runner.replace_dir = full\n")
+             "fewtune.run.runner.replace_dir = full\n")
 
 
 def _hidden(d: Path) -> list[str]:

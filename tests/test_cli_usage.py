@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_cli import BASE, fewtune
 
 pytestmark = pytest.mark.usefixtures("data_dir")

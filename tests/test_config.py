@@ -1,9 +1,9 @@
 import pytest
 
 from fewtune.config import RunConfig, TrainConfig, validate
-from fewtune.resolve import resolve
 from fewtune.errors import ConfigError
 from fewtune.overrides import apply, parse_overrides
+from fewtune.run.resolve import resolve
 
 
 def test_unknown_key_names_closest():

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fewtune import distributed
-from fewtune.errors import ConfigError
-from fewtune.training import shard_batch
-
 from test_training import BagNet, toy_data  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from fewtune.errors import ConfigError
+from fewtune.training import distributed
+from fewtune.training.loop import shard_batch
 
 
 @pytest.mark.parametrize("size,world", [(8, 2), (5, 2), (7, 3), (1, 2), (2, 3)])
@@ -36,7 +35,7 @@ def test_weighted_shares_give_the_global_batch_gradient(size, world):
     """What DDP computes — the mean over processes of the gradient of each weighted share's mean
     loss — equals the gradient of the mean loss over the whole global batch."""
     seqs, labels = toy_data(size)
-    from fewtune.scoring import pad_batch
+    from fewtune.scoring.scorer import pad_batch
 
     def grads(idx: list[int], weight: float) -> list[torch.Tensor]:
         net = BagNet()

@@ -12,15 +12,14 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import executor_runners as runners
+import pytest
+from conftest import REPO
+
 from fewtune.errors import ConfigError
+from fewtune.study import expand, parse_study, run_study
 from fewtune.study.executors import InProcessExecutor, SubprocessExecutor, make_executor
 from fewtune.study.store import Store
-from fewtune.study import expand, parse_study, run_study
-
-from conftest import REPO
 
 FAKE = {"name": "fake", "model": "tiny-random", "task": "cola", "seed": [0, 1], "methods": ["icl", "zero-shot"]}
 TINY = {"name": "tiny", "model": "tiny-random", "n": 2, "seed": [0, 1], "eval_limit": 8, "eval_batch_size": 8,
@@ -169,7 +168,7 @@ def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_
 def test_memory_meter_cpu_path_has_no_reserved_peak() -> None:
     import torch
 
-    from fewtune.resources import ResourceMeter
+    from fewtune.run.resources import ResourceMeter
 
     report = ResourceMeter(torch.device("cpu")).report(torch.nn.Linear(2, 2), "fp32", 0)
     assert report["memory_kind"] == "rss" and report["peak_reserved_mb"] is None and report["peak_memory_mb"] > 0
@@ -181,8 +180,8 @@ def test_memory_meter_cuda_peaks_are_per_run() -> None:
     in-process executor has released memory between them."""
     import torch
 
+    from fewtune.run.resources import ResourceMeter
     from fewtune.study.executors import release_memory
-    from fewtune.resources import ResourceMeter
 
     dev = torch.device("cuda")
     big = ResourceMeter(dev)

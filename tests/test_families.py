@@ -8,18 +8,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from fewtune import model_adapter
-from fewtune.config import RunConfig, TrainConfig, validate
-from fewtune.heads import LMNet
-from fewtune.methods import METHODS, RunContext
-from fewtune.model_adapter import ModelAdapter, adapter_for, backbone_and_head
-from fewtune.models import load_model, load_tokenizer
-from fewtune.prompts import verbalizer_token_ids
-from fewtune.resources import ResourceMeter
-from fewtune.scoring import PATH_NAIVE, PATH_PREFIX_CACHE, encode_prompts, pad_batch, score_prompts
-from fewtune.tiny_models import build_tiny
 from test_methods_train import toy_examples, toy_task
+
+from fewtune.config import RunConfig, TrainConfig, validate
+from fewtune.methods import METHODS, RunContext
+from fewtune.models import adapter as model_adapter
+from fewtune.models.adapter import ModelAdapter, adapter_for, backbone_and_head
+from fewtune.models.loading import load_model, load_tokenizer
+from fewtune.models.tiny import build_tiny
+from fewtune.run.resources import ResourceMeter
+from fewtune.scoring.heads import LMNet
+from fewtune.scoring.scorer import (
+    PATH_NAIVE,
+    PATH_PREFIX_CACHE,
+    encode_prompts,
+    pad_batch,
+    score_prompts,
+)
+from fewtune.tasks.prompts import verbalizer_token_ids
 
 CPU = torch.device("cpu")
 FAMILIES = ["llama", "opt", "gpt2", "gpt_neox", "qwen2", "gemma3", "phi"]
@@ -152,9 +158,9 @@ def test_every_method_runs(family, method, params):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_reloads_to_identical_predictions(family, tmp_path):
-    from fewtune.heads import ClassifierNet
     from fewtune.methods._trainable import classify
     from fewtune.methods.lora import load_adapter
+    from fewtune.scoring.heads import ClassifierNet
 
     m = make(family, "lora", {"r": 2, "save_dir": str(tmp_path / "a")}, lr=1e-2, max_steps=2)
     m.fit(toy_examples(8))

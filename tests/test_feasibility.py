@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fewtune.feasibility import check_study
+from fewtune.run.feasibility import check_study
 from fewtune.study import expand, load_study, parse_study
 
 pytestmark = pytest.mark.usefixtures("data_dir")

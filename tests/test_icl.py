@@ -10,7 +10,7 @@ import pytest
 
 from fewtune.config import RunConfig
 from fewtune.errors import ContextLengthError
-from fewtune.runner import run_experiment
+from fewtune.run.runner import run_experiment
 from fewtune.tasks import get_task, load_train
 
 RUN_FILES = {"config.yaml", "sample.json", "predictions.jsonl", "metrics.json"}

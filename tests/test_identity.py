@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fewtune import identity
 from fewtune.config import RunConfig, TrainConfig
-from fewtune.resolve import resolve
+from fewtune.run import identity
+from fewtune.run.resolve import resolve
 
 TASK_YAML = """\
 name: idtask
@@ -134,7 +134,7 @@ def _hash_yaml(path: Path) -> str:
 
 
 def test_config_yaml_hashes_to_the_run_id_even_when_the_context_is_clipped(tmp_path, data_dir):
-    from fewtune.runner import run_experiment
+    from fewtune.run.runner import run_experiment
 
     # tiny-random's window is 2048 positions: a larger max_context is clipped for the run, but
     # config.yaml keeps what was asked (and hashed) and metrics.json says what was used.

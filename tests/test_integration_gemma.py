@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fewtune import embedded
+from fewtune.models import embedded
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ CASES = [
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}{'-lora' if p.get('student') == 'lora' else ''}" for m, p in CASES])
 def test_method_runs_on_cola(method, params, data_dir, tmp_path):
-    from fewtune.runner import run_experiment
+    from fewtune.run.runner import run_experiment
 
     cfg = RunConfig(task="cola", method=method, params=params, n=2, seed=0, eval_limit=10,
                     train=TrainConfig(max_steps=2, lr=1e-4, eval_every_epoch=True))

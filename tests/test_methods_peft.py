@@ -14,11 +14,16 @@ import pytest
 import torch
 from test_methods_train import CPU, make, toy_examples
 
-from fewtune.heads import ClassifierNet
 from fewtune.methods._trainable import classify
-from fewtune.models import backbone_and_head, load_model
-from fewtune.resources import count_parameters
-from fewtune.scoring import PATH_NAIVE, last_token_logits, pad_batch, score_prompts
+from fewtune.models.loading import backbone_and_head, load_model
+from fewtune.run.resources import count_parameters
+from fewtune.scoring.heads import ClassifierNet
+from fewtune.scoring.scorer import (
+    PATH_NAIVE,
+    last_token_logits,
+    pad_batch,
+    score_prompts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HIDDEN, LABELS = 64, 2  # tiny-random's hidden size; the toy task's labels

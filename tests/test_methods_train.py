@@ -16,12 +16,12 @@ from fewtune.config import RunConfig, TrainConfig, validate
 from fewtune.errors import ConfigError, TrainingDiverged
 from fewtune.methods import METHODS, RunContext
 from fewtune.methods.distill import distill_kl
-from fewtune.models import backbone_and_head, load_model
-from fewtune.prompts import Pattern, verbalizer_token_ids
-from fewtune.resources import ResourceMeter, count_parameters
-from fewtune.scoring import last_token_logits, pad_batch
+from fewtune.models.loading import backbone_and_head, load_model
+from fewtune.run.resources import ResourceMeter, count_parameters
+from fewtune.scoring.scorer import last_token_logits, pad_batch
 from fewtune.tasks.base import DataFile, Example, Split, Task
-from fewtune.training import Batch
+from fewtune.tasks.prompts import Pattern, verbalizer_token_ids
+from fewtune.training.loop import Batch
 
 CPU = torch.device("cpu")
 
@@ -203,8 +203,8 @@ def test_lora_keeps_base_weights_and_reloads_to_identical_predictions(tmp_path):
     want = m.predict(evals)
     fresh = load_model("tiny-random", seed=0).model
     model, head = load_adapter(fresh, tmp_path / "adapter")
-    from fewtune.heads import ClassifierNet
     from fewtune.methods._trainable import classify
+    from fewtune.scoring.heads import ClassifierNet
 
     net = ClassifierNet(backbone_and_head(model)[0], head)
     got = classify(net, m.ctx.lm.tokenizer, [m.input_text(e) for e in evals], num_labels=2, batch_size=4,
@@ -215,7 +215,7 @@ def test_lora_keeps_base_weights_and_reloads_to_identical_predictions(tmp_path):
 
 def test_lora_lm_objective_adapter_reloads(tmp_path):
     from fewtune.methods.lora import load_adapter
-    from fewtune.scoring import score_prompts
+    from fewtune.scoring.scorer import score_prompts
 
     m = make("lora", {"objective": "lm", "save_dir": str(tmp_path / "a")}, lr=1e-2, max_steps=2, batch_size=8)
     m.fit(toy_examples(8))
@@ -328,9 +328,9 @@ def test_distill_loss_weighs_kl_and_ce():
 
 
 def test_lm_and_classifier_nets_compute_their_head_in_fp32_under_bf16():
-    from fewtune.heads import ClassifierNet, LMNet
-    from fewtune.models import autocast
-    from fewtune.scoring import last_hidden
+    from fewtune.models.loading import autocast
+    from fewtune.scoring.heads import ClassifierNet, LMNet
+    from fewtune.scoring.scorer import last_hidden
 
     m = make("vanilla", lr=1e-3, max_steps=1)
     body, lm_head = backbone_and_head(m.ctx.lm.model)

@@ -2,11 +2,16 @@ import math
 
 import numpy as np
 import pytest
-
 from sklearn.metrics import matthews_corrcoef
 
-from fewtune.metrics import accuracy, eval_set_metrics, loss_collapse, mcc, prediction_collapse
-from fewtune.scoring import argmax_breaking_ties
+from fewtune.scoring.scorer import argmax_breaking_ties
+from fewtune.stats.metrics import (
+    accuracy,
+    eval_set_metrics,
+    loss_collapse,
+    mcc,
+    prediction_collapse,
+)
 
 
 def test_mcc_matches_hand_computed_binary():

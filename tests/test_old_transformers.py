@@ -3,12 +3,11 @@ makes ICL score naively and say so — it must not crash."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from fewtune import shared_prefix
 from fewtune.config import RunConfig
-from fewtune.runner import run_experiment
+from fewtune.run.runner import run_experiment
+from fewtune.scoring import shared_prefix
 
 
 @pytest.mark.parametrize("missing", ["transformers.masking_utils", "transformers.cache_utils"])
@@ -21,7 +20,7 @@ def test_icl_falls_back_to_naive_scoring_with_a_note(tmp_path, data_dir, monkeyp
     real_import = __import__
 
     def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == missing and globals is not None and globals.get("__name__") == "fewtune.shared_prefix":
+        if name == missing and globals is not None and globals.get("__name__") == "fewtune.scoring.shared_prefix":
             raise ImportError(f"No module named '{missing}'")
         return real_import(name, globals, locals, fromlist, level)
 

@@ -15,12 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from executor_runners import alive as _alive
-from fewtune.study.store import Store
 from test_executors import _per_run
 
+from fewtune.study.store import Store
 
 TESTS = Path(__file__).resolve().parent
 TINY = {"name": "tiny", "model": "tiny-random", "n": 2, "seed": [0, 1], "eval_limit": 8, "eval_batch_size": 8,
@@ -29,7 +28,7 @@ SLOW = {"name": "slow", "model": "tiny-random", "task": "cola", "seed": [0, 1, 2
 # Every interpreter the CLI starts (the study's, the fork server, the runs') runs this first: the
 # runs become executor_runners.slow_logged (seconds long, logged), not real training.
 SLOW_RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-               "import executor_runners, fewtune.runner\nfewtune.runner.run_experiment = executor_runners.slow_logged\n")
+               "import executor_runners, fewtune.run.runner\nfewtune.runner.run_experiment = executor_runners.slow_logged\n")
 
 
 def _env(data_dir: Path, site: str | None = None, **extra: str) -> dict[str, str]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_training import BagNet, toy_data  # noqa: E402
 
-from fewtune import training
 from fewtune.config import TrainConfig
 from fewtune.errors import ConfigError, TrainingDiverged
-from fewtune.models import autocast, resolve_precision
-
-from test_training import BagNet, toy_data  # noqa: E402
+from fewtune.models.loading import autocast, resolve_precision
+from fewtune.training import loop as training
 
 CUDA = torch.device("cuda")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from fewtune.errors import ConfigError
-from fewtune.prompts import Pattern, verbalizer_token_ids
+from fewtune.tasks.prompts import Pattern, verbalizer_token_ids
 
 
 def test_pattern_query_and_demonstration():

@@ -21,12 +21,12 @@ ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install
 
 import executor_runners as runners  # noqa: E402
 import ray_runners  # noqa: E402
+from conftest import REPO  # noqa: E402
+
+from fewtune.study import expand, parse_study, run_study  # noqa: E402
 from fewtune.study.executors import InProcessExecutor, make_executor  # noqa: E402
 from fewtune.study.ray_executor import EXECUTOR_FILE, RayExecutor  # noqa: E402
 from fewtune.study.store import Store  # noqa: E402
-from fewtune.study import expand, parse_study, run_study  # noqa: E402
-
-from conftest import REPO  # noqa: E402
 
 FAKE = {"name": "fake", "model": "tiny-random", "task": "cola", "seed": [0, 1], "methods": ["icl", "zero-shot"]}
 TINY = {"name": "tiny", "model": "tiny-random", "n": 2, "seed": [0], "eval_limit": 8, "eval_batch_size": 8,

@@ -256,7 +256,7 @@ def test_collapsed_runs_are_marked_in_their_cells(tmp_path: Path) -> None:
 def test_margin_override_replaces_interval_margins_only() -> None:
     from types import SimpleNamespace
 
-    from fewtune.claims import ClaimSpec, load_claims
+    from fewtune.stats.claims import ClaimSpec, load_claims
 
     data = SimpleNamespace(claims=[ClaimSpec.model_validate(c) for c in load_claims("srinivasan2024")])
     specs = {s.key: s for s in rp.claim_specs(data, 0.2)}

@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_report_which import _tradeoff_study
 from test_report import build_study
+from test_report_which import _tradeoff_study
 
 from fewtune.report import write_report
 

@@ -9,7 +9,7 @@ import pytest
 
 from fewtune.config import RunConfig, TrainConfig
 from fewtune.errors import TrainingDiverged
-from fewtune.runner import run_experiment
+from fewtune.run.runner import run_experiment
 
 
 def test_diverged_training_leaves_a_record_with_the_reason(tmp_path, data_dir, monkeypatch):

@@ -14,9 +14,14 @@ import pytest
 import torch
 
 from fewtune.errors import ContextLengthError, DataError
-from fewtune.models import load_model
-from fewtune.prompts import verbalizer_token_ids
-from fewtune.scoring import PATH_NAIVE, PATH_PREFIX_CACHE, encode_prompts, score_prompts
+from fewtune.models.loading import load_model
+from fewtune.scoring.scorer import (
+    PATH_NAIVE,
+    PATH_PREFIX_CACHE,
+    encode_prompts,
+    score_prompts,
+)
+from fewtune.tasks.prompts import verbalizer_token_ids
 
 SENTENCES = [
     "The book was read by the student ?",
@@ -71,8 +76,8 @@ def test_prefix_cache_matches_naive_fp32(lm, label_ids):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # grouped-query heads; plain multi-head
 def test_sdpa_prefix_kernel_matches_naive_and_the_fp32_kernel(family, label_ids, monkeypatch):
     """The SDPA kernel (the default on CUDA) computes the same attention as the fp32 kernel."""
-    from fewtune import shared_prefix
-    from fewtune.models import load_model
+    from fewtune.models.loading import load_model
+    from fewtune.scoring import shared_prefix
 
     calls = []
     real = shared_prefix._sdpa_attention

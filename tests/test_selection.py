@@ -11,7 +11,7 @@ import pytest
 
 from fewtune.config import RunConfig
 from fewtune.errors import ConfigError
-from fewtune.selection import candidate_grid, folds, select_values
+from fewtune.run.selection import candidate_grid, folds, select_values
 from fewtune.tasks.base import Example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_a_diverging_candidate_is_not_chosen():
 
 
 def test_a_run_selects_on_its_sample_only_and_trains_with_the_choice(monkeypatch, tmp_path, data_dir):
-    from fewtune import runner
+    from fewtune.run import runner
 
     calls = []
     real = runner._fold_score

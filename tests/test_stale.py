@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from executor_runners import write_fake
 
-from fewtune.study.executors import InProcessExecutor
-from fewtune import identity
 from fewtune.errors import ConfigError
-from fewtune.identity import guard_stale, stale_in_study
 from fewtune.report import load_study_data
 from fewtune.report.tables import warnings as _warnings
-from fewtune.study.store import Store
+from fewtune.run import identity
+from fewtune.run.identity import guard_stale, stale_in_study
 from fewtune.study import expand, parse_study, run_study
+from fewtune.study.executors import InProcessExecutor
+from fewtune.study.store import Store
 
 STUDY = {"name": "stale", "model": "tiny-random", "task": "cola", "seed": [0, 1], "methods": ["icl", "zero-shot"]}
 

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from executor_runners import write_fake
 
 from fewtune.errors import ConfigError
-from fewtune.study.executors import InProcessExecutor
-from fewtune.study.store import Store
 from fewtune.study import (
     expand,
     load_study,
@@ -30,6 +27,8 @@ from fewtune.study import (
     run_study,
     study_lock,
 )
+from fewtune.study.executors import InProcessExecutor
+from fewtune.study.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from tokenizers.processors import TemplateProcessing
 
-from fewtune.batching import appended_suffix, encode_prompts
 from fewtune.errors import ConfigError
-from fewtune.model_adapter import ensure_pad_token
-from fewtune.models import load_model
-from fewtune.scoring import PATH_NAIVE, PATH_PREFIX_CACHE, score_prompts
+from fewtune.models.adapter import ensure_pad_token
+from fewtune.models.loading import load_model
+from fewtune.scoring.batching import appended_suffix, encode_prompts
+from fewtune.scoring.scorer import PATH_NAIVE, PATH_PREFIX_CACHE, score_prompts
 
 PREFIX = "Sentence: the cat sat. Answer: Yes\n\nSentence: stone. Answer: No\n\n"
 QUERIES = ["Sentence: dogs bark. Answer:", "Sentence: a red apple. Answer:"]

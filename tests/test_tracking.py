@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fewtune import tracking
 from fewtune.config import RunConfig, validate
 from fewtune.errors import ConfigError
 from fewtune.overrides import run_data
+from fewtune.training import tracking
 
 
 def test_log_to_changes_neither_the_run_id_nor_config_yaml():
@@ -41,7 +41,7 @@ def test_missing_tracker_package_is_a_config_error_with_an_install_hint(monkeypa
 
 
 def test_missing_tracker_stops_a_run_before_any_work(monkeypatch, tmp_path):
-    from fewtune.runner import run_experiment
+    from fewtune.run.runner import run_experiment
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="log_to 'wandb'"):

@@ -1,4 +1,4 @@
-"""The shared training loop (fewtune.training) on small stand-in modules — no language model."""
+"""The shared training loop (fewtune.training.loop) on small stand-in modules — no language model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from torch import nn
 
 from fewtune.config import TrainConfig
 from fewtune.errors import TrainingDiverged
-from fewtune.training import LengthGroupedBatches, _optimizer_groups, make_scheduler, train
+from fewtune.training.loop import (
+    LengthGroupedBatches,
+    _optimizer_groups,
+    make_scheduler,
+    train,
+)
 
 CPU = torch.device("cpu")
 
@@ -73,7 +78,7 @@ def test_loop_fits_a_separable_task_and_counts_steps_and_tokens():
     assert res.loss_history[-1] < 0.2 * res.loss_history[0]
     assert res.train_tokens == 30 * sum(len(s) for s in seqs)
     with torch.no_grad():
-        from fewtune.scoring import pad_batch
+        from fewtune.scoring.scorer import pad_batch
 
         pred = net(*pad_batch(seqs, PAD, CPU)).argmax(-1)
     assert (pred == labels).float().mean() == 1.0

@@ -1,3 +1,3 @@
-from .cli import main
+from fewtune.cli.app import main
 
 main()

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, OutputError
+from fewtune.errors import ConfigError, OutputError
 
 
 def current_umask() -> int:

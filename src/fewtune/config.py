@@ -11,10 +11,18 @@ import hashlib
 import json
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
-from .errors import ConfigError
-from .registry import unknown_hint
+from fewtune.errors import ConfigError
+from fewtune.registry import unknown_hint
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -120,7 +128,7 @@ class Selection(StrictModel):
 
 
 class RunIdentity(StrictModel):
-    """What the result depends on besides the config (see ``fewtune.identity``): filled in by
+    """What the result depends on besides the config (see ``fewtune.run.identity``): filled in by
     ``resolve``, hashed with the config, stored in ``config.yaml``. Never set it by hand —
     ``resolve`` recomputes it."""
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .registry import unknown_hint
+from fewtune.errors import ConfigError
+from fewtune.registry import unknown_hint
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -185,7 +185,7 @@ def check_scopes(overrides: Iterable[Override], known: Iterable[str], used: Iter
 def run_data(base: Mapping[str, Any], flags: Mapping[str, Any], items: Iterable[str]) -> dict[str, Any]:
     """The raw config of ``fewtune run``: the YAML ``base``, then the flags given (not None), then
     ``--set`` items. A flag and a ``--set`` of the same key is refused, not silently resolved."""
-    from .methods import METHODS  # lazy: the method classes pull in torch
+    from fewtune.methods import METHODS  # lazy: the method classes pull in torch
 
     given = {k: v for k, v in flags.items() if v is not None}
     overrides = parse_overrides(items)

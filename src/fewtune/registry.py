@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
+from fewtune.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from . import stats as st
-from .errors import ConfigError, DataError
+from fewtune import stats as st
+from fewtune.errors import ConfigError, DataError
 
 RUN_COLUMNS = ["run_id", "status", "model", "task", "method", "arm", "params", "n", "n_applies", "seed", "eval_set", "domain",
                "accuracy", "mcc", "majority_baseline", "majority_label", "n_eval", "n_skipped", "peak_memory_mb", "memory_kind",
@@ -59,7 +59,10 @@ def read_study(study_dir: Path | str) -> StudyIndex:
     d = Path(study_dir)
     if not (d / "study.db").is_file():
         raise ConfigError(f"{d} is not a study directory (no study.db)", "pass the --out directory of `fewtune study`")
-    from .study.store import Store, rebuild_hint  # the one place that reads the study database
+    from fewtune.study.store import (  # the one place that reads the study database
+        Store,
+        rebuild_hint,
+    )
 
     with Store(d, create=False) as store:
         try:
@@ -129,7 +132,7 @@ def _read_yaml(path: Path) -> dict | None:
 def n_applies(method: str) -> bool:
     """Whether a method's result depends on the few-shot sample size (zero-shot: no; n is then n/a).
     Read from the method class (``Method.uses_sample``); unknown methods are assumed to use it."""
-    from .methods import METHODS
+    from fewtune.methods import METHODS
 
     try:
         return bool(getattr(METHODS.get(method), "uses_sample", True))
@@ -194,7 +197,7 @@ def to_eval_rows(frame: pd.DataFrame) -> list[st.EvalRow]:
 
 def read_predictions(run: RunFiles) -> list[dict[str, Any]]:
     """The run's predictions.jsonl as dicts (empty when the run has none)."""
-    from .resample import read_predictions as _read
+    from fewtune.stats.resample import read_predictions as _read
 
     if run.run_dir is None or not (run.run_dir / "predictions.jsonl").is_file():
         return []

@@ -4,7 +4,7 @@ method is adding one file."""
 import importlib
 import pkgutil
 
-from .base import METHODS, Method, Predictions, RunContext, register
+from fewtune.methods.base import METHODS, Method, Predictions, RunContext, register
 
 _SKIP = {"base"}
 for _mod in pkgutil.iter_modules(__path__):

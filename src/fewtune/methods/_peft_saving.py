@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lora import save_adapter
+from fewtune.methods.lora import save_adapter
 
 
 class SavesAdapter:

@@ -30,10 +30,10 @@ from pydantic import Field
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..errors import ConfigError
-from ..models import backbone_and_head
-from ._peft_saving import SavesAdapter
-from ._trainable import ObjectiveParams, TrainableMethod
+from fewtune.errors import ConfigError
+from fewtune.methods._peft_saving import SavesAdapter
+from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
+from fewtune.models.loading import backbone_and_head
 
 
 class PromptedBody(nn.Module):
@@ -123,7 +123,7 @@ class PromptLearningMethod(SavesAdapter, TrainableMethod):
 
 def load_prompted(base_model: nn.Module, path: Path) -> tuple[PromptedLM, nn.Module | None]:
     """A saved prompt/prefix (and head) on a freshly loaded base model: (view, head or None)."""
-    from .lora import load_adapter
+    from fewtune.methods.lora import load_adapter
 
     peft_model, head = load_adapter(base_model, path)
     return PromptedLM(peft_model).eval(), head

@@ -3,7 +3,7 @@
 
 A trainable method only says what makes it different — which text the model reads, which
 parameters train (and at which learning rates), which head, which loss — through the hooks of
-``TrainableMethod``. Tokenisation, the single training loop (``fewtune.training.train``),
+``TrainableMethod``. Tokenisation, the single training loop (``fewtune.training.loop.train``),
 learning curves, prediction and the training summary are shared here.
 
 Two objectives, both read at the last real token of the input (the position right before the
@@ -42,17 +42,22 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibration import CALIBRATION_HELP, Calibration
-from ..config import StrictModel
-from ..errors import ConfigError
-from ..heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
-from ..batching import encode_prompts, length_sorted_batches, pad_batch
-from ..model_adapter import adapter_for, backbone_and_head
-from ..models import autocast
-from ..scoring import Scores, argmax_breaking_ties, score_prompts
-from ..tasks.base import Example
-from ..training import Batch, TrainResult, enable_gradient_checkpointing, train
-from .base import Method, Predictions
+from fewtune.config import StrictModel
+from fewtune.errors import ConfigError
+from fewtune.methods.base import Method, Predictions
+from fewtune.models.adapter import adapter_for, backbone_and_head
+from fewtune.models.loading import autocast
+from fewtune.scoring.batching import encode_prompts, length_sorted_batches, pad_batch
+from fewtune.scoring.calibration import CALIBRATION_HELP, Calibration
+from fewtune.scoring.heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
+from fewtune.scoring.scorer import Scores, argmax_breaking_ties, score_prompts
+from fewtune.tasks.base import Example
+from fewtune.training.loop import (
+    Batch,
+    TrainResult,
+    enable_gradient_checkpointing,
+    train,
+)
 
 Objective = Literal["classifier", "lm"]
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
-from ..model_adapter import ModelAdapter, backbone_and_head
-from .base import register
-from ._trainable import ObjectiveParams, TrainableMethod
+from fewtune.errors import ConfigError
+from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
+from fewtune.methods.base import register
+from fewtune.models.adapter import ModelAdapter, backbone_and_head
 
 
 class AdaptiveParams(ObjectiveParams):

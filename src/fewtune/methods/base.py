@@ -17,14 +17,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..calibration import calibrate, content_free_fields
-from ..config import RunConfig, StrictModel
-from ..models import LoadedModel
-from ..prompts import Pattern, VerbalizerTokens
-from ..registry import Registry
-from ..resources import ResourceMeter
-from ..scoring import Scores, argmax_breaking_ties
-from ..tasks.base import Example, Task
+from fewtune.config import RunConfig, StrictModel
+from fewtune.models.loading import LoadedModel
+from fewtune.registry import Registry
+from fewtune.run.resources import ResourceMeter
+from fewtune.scoring.calibration import calibrate, content_free_fields
+from fewtune.scoring.scorer import Scores, argmax_breaking_ties
+from fewtune.tasks.base import Example, Task
+from fewtune.tasks.prompts import Pattern, VerbalizerTokens
 
 
 class NoParams(StrictModel):
@@ -66,7 +66,7 @@ class Predictions:
     full_argmax_token: np.ndarray | None = None  # LM-head methods only
     outside_verbalizer: np.ndarray | None = None  # LM-head methods only
     tie: np.ndarray | None = None  # [N] bool: the best label score was shared exactly
-    calibration: dict | None = None  # what calibration estimated (``fewtune.calibration``), if any
+    calibration: dict | None = None  # what calibration estimated (``fewtune.scoring.calibration``), if any
 
     @classmethod
     def from_scores(cls, scores: Scores, verbalizer_ids: Sequence[int]) -> Predictions:
@@ -102,6 +102,11 @@ class Method(ABC):
     trains_base_weights: ClassVar[bool] = True
     # Whether predictions depend on the few-shot sample (zero-shot: no, so its n is reported as n/a).
     uses_sample: ClassVar[bool] = True
+
+    @classmethod
+    def keeps_base_frozen(cls) -> bool:
+        """Whether the pretrained weights stay untouched (trains nothing, or adapters only)."""
+        return not cls.trains or not cls.trains_base_weights
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

@@ -24,13 +24,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
-from ..models import backbone_and_head
-from ..model_adapter import ModelAdapter
-from .base import register
-from .lora import load_head, save_head
-from ._peft_saving import SavesAdapter
-from ._trainable import ObjectiveParams, TrainableMethod
+from fewtune.errors import ConfigError
+from fewtune.methods._peft_saving import SavesAdapter
+from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
+from fewtune.methods.base import register
+from fewtune.methods.lora import load_head, save_head
+from fewtune.models.adapter import ModelAdapter
+from fewtune.models.loading import backbone_and_head
 
 
 class BitFitParams(ObjectiveParams):

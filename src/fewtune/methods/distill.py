@@ -53,18 +53,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..config import StrictModel
-from ..errors import ConfigError, TrainingDiverged
-from ..heads import ClassifierNet, init_std, make_head
-from ..model_adapter import backbone_and_head
-from ..sampling import balanced_demonstrations
-from ..scoring import argmax_breaking_ties, score_prompts
-from ..tasks.base import Example
-from ..training import Batch
-from ._trainable import HeadParams, TrainableMethod, forward_seqs
-from .base import register
-from .icl import demonstration_prefix
-from .lora import apply_lora
+from fewtune.config import StrictModel
+from fewtune.errors import ConfigError, TrainingDiverged
+from fewtune.methods._trainable import HeadParams, TrainableMethod, forward_seqs
+from fewtune.methods.base import register
+from fewtune.methods.icl import demonstration_prefix
+from fewtune.methods.lora import apply_lora
+from fewtune.models.adapter import backbone_and_head
+from fewtune.scoring.heads import ClassifierNet, init_std, make_head
+from fewtune.scoring.scorer import argmax_breaking_ties, score_prompts
+from fewtune.tasks.base import Example
+from fewtune.tasks.sampling import balanced_demonstrations
+from fewtune.training.loop import Batch
 
 MAX_DEFAULT_K = 16
 

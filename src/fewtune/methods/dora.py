@@ -8,8 +8,8 @@ column norms are recomputed every forward), which the run's resources record.
 
 from __future__ import annotations
 
-from .base import register
-from .lora import LoRA, LoRAOptions
+from fewtune.methods.base import register
+from fewtune.methods.lora import LoRA, LoRAOptions
 
 
 class DoRAOptions(LoRAOptions):

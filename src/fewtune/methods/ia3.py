@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError
-from .base import register
-from ._peft_saving import SavesAdapter
-from ._trainable import ObjectiveParams, TrainableMethod
+from fewtune.errors import ConfigError
+from fewtune.methods._peft_saving import SavesAdapter
+from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
+from fewtune.methods.base import register
 
 
 class IA3Options(ObjectiveParams):

@@ -4,7 +4,7 @@ Demonstrations come from the run's few-shot sample (so ICL sees exactly the labe
 fine-tuning methods see), balanced across labels and ordered by the data seed, joined with the
 task's separator (llmft: " " for CoLA, "\\n\\n" for MNLI). An eval example whose prompt exceeds the
 context is skipped and counted, never truncated. No calibration by default (as llmft);
-``params.calibration`` applies contextual or batch calibration (``fewtune.calibration``).
+``params.calibration`` applies contextual or batch calibration (``fewtune.scoring.calibration``).
 
 All queries of a run share the same demonstrations, so by default they are scored on top of one
 KV cache of the demonstrations (``scoring``'s prefix cache): only the query tokens run through
@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..calibration import CALIBRATION_HELP, Calibration
-from ..config import StrictModel
-from ..sampling import balanced_demonstrations
-from ..scoring import Scores, score_prompts
-from ..tasks.base import Example
-from .base import Method, Predictions, register
+from fewtune.config import StrictModel
+from fewtune.methods.base import Method, Predictions, register
+from fewtune.scoring.calibration import CALIBRATION_HELP, Calibration
+from fewtune.scoring.scorer import Scores, score_prompts
+from fewtune.tasks.base import Example
+from fewtune.tasks.sampling import balanced_demonstrations
 
 
 class ZeroShotParams(StrictModel):

@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
-from ..heads import make_head
-from ..model_adapter import adapter_for
-from .base import register
-from ._trainable import ObjectiveParams, TrainableMethod
+from fewtune.errors import ConfigError
+from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
+from fewtune.methods.base import register
+from fewtune.models.adapter import adapter_for
+from fewtune.scoring.heads import make_head
 
 
 class LoRAOptions(ObjectiveParams):

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..tasks.base import Example
-from .base import register
-from ._trainable import HeadParams, LMParams, TrainableMethod
+from fewtune.methods._trainable import HeadParams, LMParams, TrainableMethod
+from fewtune.methods.base import register
+from fewtune.tasks.base import Example
 
 
 class PBFTParams(LMParams):

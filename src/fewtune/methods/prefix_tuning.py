@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import register
-from ._prompted import PromptLearningMethod, PromptParams
+from fewtune.methods._prompted import PromptLearningMethod, PromptParams
+from fewtune.methods.base import register
 
 
 class PrefixTuningParams(PromptParams):

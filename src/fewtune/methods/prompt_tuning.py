@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError
-from .base import register
-from ._prompted import PromptLearningMethod, PromptParams
+from fewtune.errors import ConfigError
+from fewtune.methods._prompted import PromptLearningMethod, PromptParams
+from fewtune.methods.base import register
 
 
 class PromptTuningParams(PromptParams):

@@ -10,8 +10,8 @@ Defaults here: linear head (the study) on the task's pattern query (llmft; the r
 
 from __future__ import annotations
 
-from .base import register
-from ._trainable import HeadParams, InputParams, TrainableMethod
+from fewtune.methods._trainable import HeadParams, InputParams, TrainableMethod
+from fewtune.methods.base import register
 
 
 class VanillaParams(HeadParams, InputParams):

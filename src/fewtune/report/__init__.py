@@ -14,13 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_atomic
-from . import sections as s
-from .context import CSV_DIR, FIGURES_DIR, Context, build_context, claim_specs
-from .csvs import write_csvs
-from .data import StudyData, load_study_data
-from .doc import Doc, render_html, render_markdown
-from .which import which_method
+from fewtune.atomic import write_atomic
+from fewtune.report import sections as s
+from fewtune.report.context import (
+    CSV_DIR,
+    FIGURES_DIR,
+    Context,
+    build_context,
+    claim_specs,
+)
+from fewtune.report.csvs import write_csvs
+from fewtune.report.data import StudyData, load_study_data
+from fewtune.report.doc import Doc, render_html, render_markdown
+from fewtune.report.which import which_method
 
 # In reading order: the answer, then the evidence, then the caveats and the set-up.
 SECTIONS: list[Callable[[Context], Doc]] = [

@@ -10,9 +10,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from .. import stats as st
-from ..claims import ClaimResult, ClaimSpec
-from ..resample import BOOTSTRAP_REPLICATES
+from fewtune import stats as st
+from fewtune.stats.claims import ClaimResult, ClaimSpec
+from fewtune.stats.resample import BOOTSTRAP_REPLICATES
 
 
 class DocLike(Protocol):
@@ -30,7 +30,7 @@ def add_claims_section(doc: DocLike, specs: Sequence[ClaimSpec], claims: Sequenc
     doc.h(2, "Claims of the study")
     if not specs:
         doc.p("This study declares no claims. Add a `claims:` list to the study YAML (e.g. `claims: [srinivasan2024]`, the "
-              "claims of Srinivasan et al. 2024 and Mosbach et al. 2023, or your own specs; see `fewtune/claims.py`).")
+              "claims of Srinivasan et al. 2024 and Mosbach et al. 2023, or your own specs; see `fewtune/stats/claims.py`).")
         return
     doc.p("Each claim declared by the study config, tested on this study's runs (method: see 'Statistical method'). "
           "A is the compared method, B the reference.")

@@ -6,9 +6,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import stats as st
-from ..claims import ClaimResult, ClaimSpec, evaluate_claims
-from .data import StudyData, failed_counts
+from fewtune import stats as st
+from fewtune.report.data import StudyData, failed_counts
+from fewtune.stats.claims import ClaimResult, ClaimSpec, evaluate_claims
 
 FIGURES_DIR = "figures"
 CSV_DIR = "csv"

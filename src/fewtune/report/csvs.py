@@ -10,11 +10,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import stats as st
-from ..atomic import write_atomic
-from .claims import CLAIMS_CSV_HEADER, claims_csv_rows
-from .context import Context
-from .tables import resource_rows
+from fewtune import stats as st
+from fewtune.atomic import write_atomic
+from fewtune.report.claims import CLAIMS_CSV_HEADER, claims_csv_rows
+from fewtune.report.context import Context
+from fewtune.report.tables import resource_rows
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:

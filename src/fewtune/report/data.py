@@ -12,11 +12,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .. import results
-from .. import stats as st
-from ..claims import ClaimSpec
-from ..errors import DataError, FewtuneError
-from ..resample import Scores, check_complete, scores_from
+from fewtune import results
+from fewtune import stats as st
+from fewtune.errors import DataError, FewtuneError
+from fewtune.stats.claims import ClaimSpec
+from fewtune.stats.resample import Scores, check_complete, scores_from
 
 
 @dataclass
@@ -53,7 +53,7 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     d = Path(study_dir)
     index = results.read_study(d)
     frame = results.load_runs(d)
-    from ..identity import stale_runs
+    from fewtune.run.identity import stale_runs
 
     stale = len(stale_runs(index.all_records, [(r.run_id, r.config) for r in index.runs]))
     meta = index.meta
@@ -97,7 +97,7 @@ def _study_claims_and_order(study_dir: Path, runs: Sequence[results.RunFiles]) -
         return [], order
     raw = yaml.safe_load(path.read_text()) or {}
     listed = list(dict.fromkeys(m["method"] if isinstance(m, dict) else str(m) for m in raw.get("methods") or []))
-    from ..claims import load_claims
+    from fewtune.stats.claims import load_claims
 
     claims = load_claims(raw.get("claims"), str(path))
     return [ClaimSpec.model_validate(c) for c in claims], listed + [m for m in order if m not in listed]
@@ -114,7 +114,7 @@ def failed_counts(data: StudyData) -> dict[tuple[str, str, str, int], int]:
 
 
 def _task(task: str) -> Any:
-    from ..tasks import TASKS
+    from fewtune.tasks import TASKS
 
     try:
         return TASKS.get(task)

@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .. import stats as st
-from ..atomic import write_atomic
+from fewtune import stats as st
+from fewtune.atomic import write_atomic
 
 
 def _save_fig(fig: Figure, path: Path) -> Path:

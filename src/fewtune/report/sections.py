@@ -9,14 +9,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .. import stats as st
-from .claims import add_claims_section, add_method_section
-from .context import FIGURES_DIR, Context
-from .data import breakdown_specs, report_metrics
-from .doc import Doc, fmt_p, fmt_summary, slug
-from .plots import cost_points, plot_accuracy_vs_n, plot_breakdown, plot_id_vs_ood, plot_pareto
-from .tables import breakdown_table, eval_sets_ordered, resource_rows, results_table, warnings
-from .csvs import write_csv
+from fewtune import stats as st
+from fewtune.report.claims import add_claims_section, add_method_section
+from fewtune.report.context import FIGURES_DIR, Context
+from fewtune.report.csvs import write_csv
+from fewtune.report.data import breakdown_specs, report_metrics
+from fewtune.report.doc import Doc, fmt_p, fmt_summary, slug
+from fewtune.report.plots import (
+    cost_points,
+    plot_accuracy_vs_n,
+    plot_breakdown,
+    plot_id_vs_ood,
+    plot_pareto,
+)
+from fewtune.report.tables import (
+    breakdown_table,
+    eval_sets_ordered,
+    resource_rows,
+    results_table,
+    warnings,
+)
 
 
 def claims(ctx: Context) -> Doc:

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import stats as st
-from .data import StudyData
-from .doc import fmt_summary
+from fewtune import stats as st
+from fewtune.report.data import StudyData
+from fewtune.report.doc import fmt_summary
 
 
 def eval_sets_ordered(rows: Sequence[st.EvalRow], model: str, task: str) -> list[str]:

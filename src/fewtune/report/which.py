@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import stats as st
-from .context import Context
-from .data import report_metrics
-from .doc import Doc, fmt_n, fmt_p, fmt_summary
-from .tables import eval_sets_ordered
+from fewtune import stats as st
+from fewtune.report.context import Context
+from fewtune.report.data import report_metrics
+from fewtune.report.doc import Doc, fmt_n, fmt_p, fmt_summary
+from fewtune.report.tables import eval_sets_ordered
 
 WITHIN = 0.01  # "within 1 point of the best": one accuracy point
 

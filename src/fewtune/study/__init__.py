@@ -7,11 +7,32 @@ The public API is re-exported here: ``from fewtune.study import load_study, expa
 
 from __future__ import annotations
 
-from .config import MAX_RUNS, PRESETS, StudyConfig, load_study, parse_int_list, parse_override, parse_study, preset_names
-from .execute import LOCK_NAME, STUDY_FILE, StudyOutcome, run_study, study_lock
-from .executors import EXECUTORS, Executor, InProcessExecutor, RunOutcome, SubprocessExecutor, make_executor
-from .expand import PlannedRun, count_runs, expand
-from .store import DB_NAME, RUNS_DIR, RunRecord, Store
+from fewtune.study.config import (
+    MAX_RUNS,
+    PRESETS,
+    StudyConfig,
+    load_study,
+    parse_int_list,
+    parse_override,
+    parse_study,
+    preset_names,
+)
+from fewtune.study.execute import (
+    LOCK_NAME,
+    STUDY_FILE,
+    StudyOutcome,
+    run_study,
+    study_lock,
+)
+from fewtune.study.executor import Executor, RunOutcome
+from fewtune.study.executors import (
+    EXECUTORS,
+    InProcessExecutor,
+    SubprocessExecutor,
+    make_executor,
+)
+from fewtune.study.expand import PlannedRun, count_runs, expand
+from fewtune.study.store import DB_NAME, RUNS_DIR, RunRecord, Store
 
 __all__ = [
     "DB_NAME", "EXECUTORS", "LOCK_NAME", "MAX_RUNS", "PRESETS", "RUNS_DIR", "STUDY_FILE",

@@ -36,10 +36,15 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig, TrainConfig
-from ..errors import ConfigError
-from ..overrides import Override, check_flag_conflicts, load_yaml_text, parse_overrides
-from ..registry import closest, unknown_hint
+from fewtune.config import RunConfig, TrainConfig
+from fewtune.errors import ConfigError
+from fewtune.overrides import (
+    Override,
+    check_flag_conflicts,
+    load_yaml_text,
+    parse_overrides,
+)
+from fewtune.registry import closest, unknown_hint
 
 STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")  # per run, for executors that schedule them (ray)
@@ -61,7 +66,7 @@ class StudyConfig:
     methods: list[dict[str, Any]] | None = None  # entries: {"method": name, "tasks": [...]?, ...overrides}
     overrides: list[Override] = field(default_factory=list)
     source: str = ""  # where it was loaded from (preset name or path)
-    claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.claims), tested by the report
+    claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.stats.claims), tested by the report
     resources: dict[str, float] | None = None  # per run, e.g. {"cpus": 2, "gpus": 0.25}: where runs go, not what they compute
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +159,9 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
     base = {k: v for k, v in data.items() if k not in STUDY_KEYS}
     claims: list[dict[str, Any]] = []
     if data.get("claims") is not None:
-        from ..claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
+        from fewtune.stats.claims import (
+            load_claims,  # lazily: scipy/statsmodels are needed only when claims are declared
+        )
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_atomic
-from ..errors import ConfigError, OutputError
-from .config import StudyConfig
-from .executors import Executor, RunOutcome, SubprocessExecutor, check_parallel
-from .expand import PlannedRun, expand
-from .progress import StudyProgress
-from .store import RUNS_DIR, Store
+from fewtune.atomic import write_atomic
+from fewtune.errors import ConfigError, OutputError
+from fewtune.study.config import StudyConfig
+from fewtune.study.executor import Executor, RunOutcome, check_parallel
+from fewtune.study.executors import SubprocessExecutor
+from fewtune.study.expand import PlannedRun, expand
+from fewtune.study.progress import StudyProgress
+from fewtune.study.store import RUNS_DIR, Store
 
 LOCK_NAME = ".lock"
 STUDY_FILE = "study.yaml"

@@ -12,14 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import RunConfig, validate
-from ..errors import ConfigError
-from ..overrides import check_scopes, deep_merge, set_path
-from .config import MAX_RUNS, StudyConfig
+from fewtune.config import RunConfig, validate
+from fewtune.errors import ConfigError
+from fewtune.overrides import check_scopes, deep_merge, set_path
+from fewtune.study.config import MAX_RUNS, StudyConfig
 
 
 def _method_names() -> list[str]:
-    from ..methods import METHODS
+    from fewtune.methods import METHODS
 
     return METHODS.names()
 
@@ -73,7 +73,7 @@ def _submodel(ann: Any) -> type[BaseModel] | None:
 
 
 def _params_model(method: str) -> type[BaseModel]:
-    from ..methods import METHODS
+    from fewtune.methods import METHODS
 
     return METHODS.get(method).Params
 
@@ -113,7 +113,7 @@ def _entry_combos(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any]
 def _method_runs(study: StudyConfig) -> Iterator[tuple[int, int, dict[str, Any], type[BaseModel], list[str] | None, str]]:
     """Per task × method entry × method: the run dict with ``--set`` overrides applied (still
     swept), the method's parameter model, the entry's task restriction and where it comes from."""
-    from ..tasks import TASKS
+    from fewtune.tasks import TASKS
 
     for ti, mi, merged, only, where in _entry_combos(study):
         for t in only or []:
@@ -156,7 +156,9 @@ def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] | None
     The grid is counted first: one that is too large is refused before it fills the memory.
     """
     if resolver is None:
-        from ..resolve import resolve as resolver  # lazily: it imports the methods (and torch)
+        from fewtune.run.resolve import (
+            resolve as resolver,  # lazily: it imports the methods (and torch)
+        )
     total = count_runs(study)
     if total > MAX_RUNS:
         raise ConfigError(f"study '{study.name}' would expand to {total:,} runs, more than the limit of {MAX_RUNS:,}",
@@ -182,7 +184,7 @@ def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] | None
 def _check_task_name(spec: str, seen: dict[str, str]) -> None:
     """Two task specs (e.g. two custom YAML files) with the same ``name:`` would be merged in the
     report, which groups runs by task name (2 seeds counted as 4): refuse them."""
-    from ..tasks import get_task
+    from fewtune.tasks import get_task
 
     if spec in seen:
         return

@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import make_tmp_dir, output_error, replace_dir
-from ..errors import ConfigError
-from .executors import PRELOAD, Executor, Runner, RunOutcome, outcome_of
+from fewtune.atomic import make_tmp_dir, output_error, replace_dir
+from fewtune.errors import ConfigError
+from fewtune.study.executor import PRELOAD, Executor, Runner, RunOutcome, outcome_of
 
 if TYPE_CHECKING:
-    from .expand import PlannedRun
+    from fewtune.study.expand import PlannedRun
 
 EXECUTOR_FILE = "executor.json"
 DEFAULT_RESOURCES = {"cpus": 1, "gpus": 0}
@@ -105,7 +105,7 @@ def run_task(runner: Runner | None, config: Any, run_name: str, data_dir: Path |
     if runner is None:
         for module in PRELOAD:  # before the run's clock starts, as the subprocess executor's fork server does
             importlib.import_module(module)
-        from ..runner import run_experiment as runner
+        from fewtune.run.runner import run_experiment as runner
     torch = sys.modules.get("torch")  # the real runner imports it; a stand-in need not pay for it
     if torch is not None:
         torch.set_num_threads(threads)

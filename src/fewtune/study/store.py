@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError
+from fewtune.errors import ConfigError, DataError
 
 DB_NAME = "study.db"
 RUNS_DIR = "runs"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import builtin  # noqa: F401  (registers the built-in tasks)
-from .base import TASKS, DataFile, Example, Split, Task
-from .custom import is_hub_split, load_custom_task, register_custom_task
-from .files import fetch, resolve_data_dir
+from fewtune.tasks import builtin  # noqa: F401  (registers the built-in tasks)
+from fewtune.tasks.base import TASKS, DataFile, Example, Split, Task
+from fewtune.tasks.custom import is_hub_split, load_custom_task, register_custom_task
+from fewtune.tasks.files import fetch, resolve_data_dir
 
 __all__ = [
     "TASKS", "Task", "Example", "Split", "DataFile", "get_task", "load_train", "load_eval", "load_split",
@@ -31,7 +31,7 @@ def get_task(name: str | Task) -> Task:
         return name
     if name.endswith((".yaml", ".yml")) and name not in TASKS:
         if not Path(name).is_file():
-            from ..errors import ConfigError
+            from fewtune.errors import ConfigError
 
             raise ConfigError(f"custom task file not found: {name}", "give the path to a task YAML (see docs/custom-tasks.md)")
         return register_custom_task(name)
@@ -53,7 +53,7 @@ def load_split(split: Split, data_dir: str | os.PathLike[str] | None = None) -> 
 
 
 def load_train(task: str | Task, data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
-    """The task's whole train pool (few-shot samples are drawn from it by ``fewtune.sampling``)."""
+    """The task's whole train pool (few-shot samples are drawn from it by ``fewtune.tasks.sampling``)."""
     return load_split(get_task(task).train, data_dir)
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..prompts import Pattern
-from ..registry import Registry
+from fewtune.registry import Registry
+from fewtune.tasks.prompts import Pattern
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ class Task:
         return len(self.label_names)
 
     def pattern(self, name: str | None = None) -> Pattern:
-        from ..errors import ConfigError
-        from ..registry import unknown_hint
+        from fewtune.errors import ConfigError
+        from fewtune.registry import unknown_hint
 
         name = name or self.default_pattern
         if name not in self.patterns:
@@ -89,8 +89,8 @@ class Task:
         return self.patterns[name]
 
     def eval_split(self, name: str) -> Split:
-        from ..errors import ConfigError
-        from ..registry import unknown_hint
+        from fewtune.errors import ConfigError
+        from fewtune.registry import unknown_hint
 
         if name not in self.eval_sets:
             raise ConfigError(f"unknown eval set '{name}' for task '{self.name}'", unknown_hint(name, list(self.eval_sets)))

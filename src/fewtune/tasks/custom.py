@@ -39,14 +39,23 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..config import StrictModel, validate
-from ..errors import ConfigError, DataError
-from ..overrides import load_yaml_text
-from ..prompts import Pattern
-from ..registry import closest
-from .base import TASKS, DataFile, Example, Split, Task
-from .files import read_text, read_tsv
-from .spec import CustomTaskSpec, EvalSetSpec, FileSpec, Format, PatternSpec, TaskSpec, check_spec, groups_of
+from fewtune.config import StrictModel, validate
+from fewtune.errors import ConfigError, DataError
+from fewtune.overrides import load_yaml_text
+from fewtune.registry import closest
+from fewtune.tasks.base import TASKS, DataFile, Example, Split, Task
+from fewtune.tasks.files import read_text, read_tsv
+from fewtune.tasks.prompts import Pattern
+from fewtune.tasks.spec import (
+    CustomTaskSpec,
+    EvalSetSpec,
+    FileSpec,
+    Format,
+    PatternSpec,
+    TaskSpec,
+    check_spec,
+    groups_of,
+)
 
 __all__ = ["CustomTaskSpec", "TaskSpec", "FileSpec", "EvalSetSpec", "PatternSpec", "load_custom_task", "load_task_file",
            "register_custom_task", "task_from_spec", "is_hub_split"]

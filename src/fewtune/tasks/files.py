@@ -32,8 +32,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import DataError
-from .base import DataFile
+from fewtune.errors import DataError
+from fewtune.tasks.base import DataFile
 
 DATA_DIR_ENV = "FEWTUNE_DATA_DIR"
 CACHE_DIR_ENV = "FEWTUNE_CACHE_DIR"

@@ -17,10 +17,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import StrictModel
-from ..errors import ConfigError
-from ..prompts import Pattern
-from ..registry import unknown_hint
+from fewtune.config import StrictModel
+from fewtune.errors import ConfigError
+from fewtune.registry import unknown_hint
+from fewtune.tasks.prompts import Pattern
 
 Format = Literal["csv", "tsv", "jsonl"]
 _SHA = r"^[0-9a-fA-F]{64}$"

@@ -25,8 +25,8 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from ..base import TASKS, DataFile, Example, Task
-from ..custom import load_task_file
+from fewtune.tasks.base import TASKS, DataFile, Example, Task
+from fewtune.tasks.custom import load_task_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 NAMES = ("cola", "mnli")

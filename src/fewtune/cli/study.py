@@ -1,0 +1,153 @@
+"""The ``fewtune study`` and ``fewtune report`` commands (registered on the main typer app).
+
+Kept apart from ``cli.py`` so the study machinery (store, stats, report) is imported only when
+these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` prints them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fewtune.atomic import ensure_writable_dir
+from fewtune.cli.options import import_torch, set_threads, threads_option
+from fewtune.errors import ConfigError, Interrupted
+
+
+def check_study_dir(out: Path) -> None:
+    """Before any work: OUT must be a study directory (to resume), empty or new, and writable.
+    A directory holding other things (the user's own report.md…) is refused, not overwritten.
+    A study is recognised by its database, its study.yaml, or its lock file (a study killed in
+    its first instant may have left only the lock)."""
+    from fewtune.study import DB_NAME, LOCK_NAME, STUDY_FILE
+
+    markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory", "give --out a directory path (the file was left untouched)")
+    if out.is_dir() and not any((out / m).exists() for m in markers):
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:5]) + (f", … ({len(found)} entries)" if len(found) > 5 else "")
+            raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
+                              "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
+    ensure_writable_dir(out)
+
+
+def print_summary(outcome: Any, console: Console) -> None:
+    """What this call did and where the study stands (``outcome``: a ``StudyOutcome``)."""
+    c = outcome.counts
+    console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
+                  f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
+                  + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
+                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
+    console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
+                  f"{c.get('pending', 0)} pending")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``study`` and ``report`` to ``app``."""
+
+    @app.command("study")
+    def study_cmd(
+        config: str = typer.Argument(..., help="study YAML file, or a preset: quick, paper, paper-released"),
+        out: Path = typer.Option(..., "--out", help="study directory (created; re-use it to resume)"),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed runs again"),
+        rerun_stale: bool = typer.Option(
+            False, "--rerun-stale", help="run again the runs whose results come from another fewtune version/task file/model/device"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="execute at most N runs in this call"),
+        set_: Optional[list[str]] = typer.Option(
+            None, "--set", help="override a run parameter for all runs (train.max_steps=2) or one method (lora:params.r=8); a list sweeps"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="data seeds, e.g. 0,1,2 or 0-9 (replaces the study's)"),
+        n: Optional[str] = typer.Option(None, "--n", help="n per class, e.g. 2,16 (replaces the study's)"),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEWTUNE_DATA_DIR", help="data directory"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, check that each can work (tokenizer only) and exit"),
+        report: bool = typer.Option(True, "--report/--no-report", help="write the report when the runs are done"),
+        executor: str = typer.Option(
+            "subprocess", "--executor",
+            help="where runs execute: subprocess (each run in a fresh process: per-run memory figures, crashes "
+                 "contained), inprocess (one process; for debugging) or ray (each run a Ray task; "
+                 "pip install fewtune[ray])"),
+        parallel: int = typer.Option(
+            1, "--parallel", help="run up to N runs at once (subprocess: local processes; ray: the cluster decides "
+                                  "within the limit; each local run gets threads/N torch threads)"),
+        ray_address: Optional[str] = typer.Option(
+            None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
+                                        "default: start a local one"),
+        threads: Optional[int] = threads_option(),
+    ) -> None:
+        """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
+        from rich.markup import escape
+
+        from fewtune.run.identity import guard_stale
+        from fewtune.study import expand, load_study, make_executor, run_study
+        from fewtune.study.executor import check_parallel
+
+        set_threads(threads)
+        import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
+        console = Console(stderr=True)
+        study = load_study(config, set_ or [], seeds=seeds, n=n)
+        options = {"ray_address": ray_address} if ray_address else {}
+        if study.resources and executor == "ray":  # other executors run where they are: nothing to ask for
+            options["resources"] = study.resources
+        runs_in = make_executor(executor, **options)
+        check_parallel(runs_in, parallel)
+        planned = expand(study)
+        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
+        if dry_run:
+            out_console = Console()
+            for p in planned:
+                out_console.print(escape(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}"))
+            out_console.print(f"{len(planned)} runs" + (escape(f"; in {out}: {stale.message()}") if stale else ""))
+            check_feasibility(planned, data_dir, out_console)
+            return
+        check_study_dir(out)
+        if stale:
+            console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
+        console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
+        try:
+            outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
+                                console=console, planned=planned, executor=runs_in, parallel=parallel)
+        except KeyboardInterrupt:
+            raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
+        print_summary(outcome, console)
+        c = outcome.counts
+        if report and c.get("done", 0):
+            from fewtune.report import write_report
+
+            paths = write_report(out)
+            Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]")
+        if c.get("failed", 0):
+            console.print("[yellow]some runs failed[/yellow]; see the report's 'Failed runs' section, "
+                          "fix the cause and re-run with --retry-failed")
+            raise typer.Exit(1)
+
+    def check_feasibility(planned: list, data_dir: Optional[Path], console: Console) -> None:
+        """Tokenizer-only checks of every run; infeasible runs are a usage error (exit 2)."""
+        from rich.markup import escape
+
+        from fewtune.errors import ConfigError
+        from fewtune.run.feasibility import check_study, report_lines
+
+        result = check_study(planned, data_dir)
+        for line in report_lines(result):
+            console.print(escape(line), soft_wrap=True)
+        if not result.ok:
+            n = len({x.run_id for x in result.errors})
+            raise ConfigError(f"{n} of {len(planned)} runs cannot work as configured (listed above)",
+                              "apply the fixes listed, or drop those runs from the study")
+
+    @app.command("report")
+    def report_cmd(
+        study_dir: Path = typer.Argument(..., metavar="DIR", help="a study directory (fewtune study --out DIR)"),
+        margin: float | None = typer.Option(None, "--margin", help="replace the margin of every non-inferiority/equivalence claim (default: each claim's own)"),
+    ) -> None:
+        """Write report.md, report.html, plots and CSV exports into DIR."""
+        from fewtune.report import write_report
+
+        paths = write_report(study_dir, margin=margin)
+        Console().print(f"report: [bold]{escape(str(paths.markdown))}[/bold] and [bold]{escape(str(paths.html))}[/bold]; "
+                        f"CSV in {escape(str(paths.csv_dir))}, plots in {escape(str(paths.figures_dir))}")

@@ -1,0 +1,2 @@
+"""One experiment: resolve → sample → select → build → train → evaluate → write, with its identity,
+feasibility checks and resource accounting."""

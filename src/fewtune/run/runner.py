@@ -1,0 +1,377 @@
+"""One experiment, end to end: data → few-shot sample → method → scores → metrics → files.
+
+``run_experiment`` is the single entry point used by the CLI's ``run`` and by studies. Output is
+written to a temporary sibling directory and renamed into place at the end, so a failed or
+killed run never leaves a partial result behind. In a data-parallel launch (``fewtune.training.distributed``)
+every process trains; only process 0 evaluates, writes and logs to trackers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from fewtune.atomic import (
+    clean_stale_tmp_dirs,
+    ensure_writable_dir,
+    make_tmp_dir,
+    output_error,
+    replace_dir,
+)
+from fewtune.config import RunConfig
+from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
+from fewtune.methods import METHODS, Method, Predictions, RunContext
+from fewtune.models.loading import load_model, resolve_precision
+from fewtune.run.resolve import resolve
+from fewtune.run.resources import ResourceMeter
+from fewtune.run.selection import select_values, with_values
+from fewtune.stats.metrics import accuracy, eval_set_metrics, loss_collapse, mcc
+from fewtune.tasks import get_task, load_eval, load_train
+from fewtune.tasks.base import Example, Task
+from fewtune.tasks.prompts import verbalizer_token_ids
+from fewtune.tasks.sampling import few_shot_sample, stratified_subsample
+from fewtune.training import distributed
+from fewtune.training.tracking import check_available, log_run
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    metrics: dict
+    out_dir: Path | None
+    reused: bool = False  # out_dir already held this finished run; nothing was run
+    main_process: bool = True  # False on the other processes of a data-parallel launch (they write nothing)
+
+
+@dataclass
+class EvalData:
+    name: str
+    examples: list[Example]
+    domain: str
+    warning: str | None
+    group_fields: tuple[str, ...]
+    full_size: int
+
+
+def load_eval_sets(task: Task, cfg: RunConfig, data_dir: Path | None) -> list[EvalData]:
+    out = []
+    for name in cfg.eval_sets or []:
+        split = task.eval_split(name)
+        full = load_eval(task, name, data_dir)
+        exs = stratified_subsample(full, cfg.eval_limit, cfg.eval_seed) if cfg.eval_limit else full
+        domain = "id" if name in task.in_domain else "ood"
+        out.append(EvalData(name, exs, domain, split.warning, split.group_fields, len(full)))
+    return out
+
+
+def _progress_task(progress, description: str, total: int):
+    if progress is None:
+        return None, None
+    tid = progress.add_task(description, total=total)
+    return tid, (lambda k: progress.advance(tid, k))
+
+
+def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> dict[str, Predictions]:
+    preds = {}
+    for ev in evals:
+        tid, advance = _progress_task(progress, f"  eval {ev.name}", len(ev.examples))
+        preds[ev.name] = method.predict(ev.examples, on_batch=advance).keyed([e.id for e in ev.examples])
+        if tid is not None:
+            progress.remove_task(tid)
+    return preds
+
+
+def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None,
+                   overwrite: bool = False) -> RunResult:
+    """Run one experiment; write its files to ``out_dir`` (atomically) if given.
+
+    ``out_dir`` is checked before any work (see ``check_out_dir``): if it already holds this very
+    run, finished, nothing is run and its metrics are returned with ``reused=True``.
+    """
+    cfg = resolve(cfg)
+    run_id = cfg.content_hash()  # of exactly the config written to config.yaml
+    dev = distributed.device()
+    check_available(cfg.log_to)
+    distributed.check_supported(cfg.method, METHODS.get(cfg.method).trains, getattr(cfg, "device_map", None),
+                                resolve_precision(cfg.precision, dev))
+    if out_dir is not None:
+        done = distributed.from_main(lambda: check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite))
+        if done is not None:
+            return RunResult(cfg, done, Path(out_dir), reused=True, main_process=distributed.is_main())
+    main = distributed.is_main()
+    progress = progress if main else None
+    task = get_task(cfg.task)
+    pattern = task.pattern(cfg.pattern)
+    meter = ResourceMeter(dev)
+    started = time.time()
+
+    with meter.phase("prepare"), distributed.main_first():
+        pool = load_train(task, data_dir)
+        sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
+        evals = load_eval_sets(task, cfg, data_dir)
+    fit_cfg, selection = cfg, None
+    if cfg.select is not None:
+        with meter.phase("select"):  # on the few-shot sample only: the eval sets are not touched
+            build = lambda c: _make_method(c, task, pattern, dev, meter, pool, data_dir)  # noqa: E731
+            chosen, selection = select_values(cfg, sample.examples, lambda c, tr, ho: _fold_score(build, cfg.select.metric, c, tr, ho))
+        fit_cfg = with_values(cfg, chosen)
+    with meter.phase("prepare"), distributed.main_first():
+        method = _make_method(fit_cfg, task, pattern, dev, meter, pool, data_dir, progress)
+    ctx, lm, verbalizer, precision, run_cfg = method.ctx, method.ctx.lm, method.ctx.verbalizer, method.ctx.precision, method.ctx.cfg
+    if main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
+        ctx.evaluate = lambda: _curve_point(method, evals, task)
+
+    torch.manual_seed(cfg.model_seed)
+    try:
+        with meter.phase("train"):
+            train_summary = method.fit(sample.examples)
+    except TrainingDiverged as e:
+        # The reason is part of the result: a diverged run leaves a record saying so (status
+        # "diverged", no eval metrics), then fails like any other error.
+        if out_dir is not None and main:
+            failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
+                      "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
+                      "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
+            write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
+        raise
+    if not main:  # trained its share; process 0 evaluates and writes
+        return RunResult(cfg, {}, None, main_process=False)
+    if train_summary and train_summary.get("train_tokens"):
+        meter.add_tokens("train", int(train_summary["train_tokens"]))
+    with meter.phase("eval"):
+        preds = predict_eval_sets(method, evals, progress)
+    meter.add_tokens("eval", sum(p.tokens for p in preds.values()))
+
+    metrics = {
+        "run_id": run_id,
+        "status": "ok",
+        "task": task.name,
+        "method": cfg.method,
+        "model": cfg.model,
+        "model_name": lm.name,
+        "model_load": lm.load_info(),
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "pattern": pattern.name,
+        "max_context_effective": run_cfg.max_context,
+        "identity": cfg.identity.model_dump(mode="json") if cfg.identity else None,
+        "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
+        "eval": {},
+        "curve": (train_summary or {}).get("curve", []),
+        "train": _train_block(train_summary),
+        "resources": {**meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+                      "processes": distributed.world_size()},
+        "method_info": getattr(method, "describe", lambda: {})(),
+        "notes": list(task.notes),
+        "warnings": list(method.warnings()),
+        "collapsed": loss_collapse((train_summary or {}).get("final_loss"), (train_summary or {}).get("chance_loss")),
+        "selection": selection,
+        "started_at": started,
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    if metrics["collapsed"]:
+        metrics["warnings"].append(metrics["collapsed"])
+    for ev in evals:
+        p = preds[ev.name]
+        m = eval_set_metrics(
+            np.array([e.label for e in ev.examples]), p.pred, p.skipped, task.label_names,
+            groups={f: [e.groups.get(f, "") for e in ev.examples] for f in ev.group_fields},
+            outside_verbalizer=p.outside_verbalizer, tie=p.tie,
+        )
+        m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
+        if p.calibration:  # the bias it estimated; batch calibration is transductive (said here)
+            m["calibration"] = p.calibration
+        metrics["eval"][ev.name] = m
+        metrics["warnings"].extend(f"{ev.name}: {w}" for w in m.pop("warnings"))
+        if ev.warning:
+            metrics["warnings"].append(f"{ev.name}: {ev.warning}")
+        if m["n_skipped"]:
+            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {run_cfg.max_context} tokens)")
+
+    if out_dir is not None:
+        write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
+    if cfg.log_to and (cfg.log_dir or out_dir is not None):
+        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
+    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
+                 data_dir: Path | None, progress=None) -> Method:
+    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``."""
+    torch.manual_seed(cfg.model_seed)
+    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
+                    attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
+    dev = lm.input_device if cfg.device_map else dev  # a model placed by device_map takes its inputs there
+    verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
+    precision = resolve_precision(cfg.precision, dev)
+    # The methods see the context clipped to the model's window; config.yaml keeps the value as
+    # requested (it is what the run id hashes) and metrics.json records the effective one.
+    ctx = RunContext(_clip_context(cfg, lm.max_positions), task, pattern, lm, verbalizer, precision, dev, meter,
+                     train_pool=pool, data_dir=data_dir, progress=progress)
+    method_cls = METHODS.get(cfg.method)
+    return method_cls(ctx, method_cls.Params.model_validate(cfg.params))
+
+
+def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
+                held_out: list[Example]) -> float:
+    """One cross-validation trial: a fresh model trained on ``train_part``, scored on ``held_out``
+    with the selection metric (no learning curve: it would read the eval sets)."""
+    trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every_epoch": False})})
+    method = build(trial)
+    torch.manual_seed(cfg.model_seed)
+    method.fit(train_part)
+    p = method.predict(held_out).keyed([e.id for e in held_out])
+    gold, keep = np.array([e.label for e in held_out]), ~p.skipped
+    if metric == "mcc":  # undefined (NaN) on a single-class fold: count it as no correlation
+        return float(np.nan_to_num(mcc(gold[keep], p.pred[keep], method.ctx.task.num_labels), nan=0.0))
+    return accuracy(gold[keep], p.pred[keep])
+
+
+def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool = False) -> dict | None:
+    """Before any work: ``out_dir`` must be a writable place that this run will not destroy by
+    surprise. Returns the metrics of this same run, finished, if ``out_dir`` already holds it.
+
+    Refused (``ConfigError``): ``out_dir`` is a file; a non-empty directory that is not a run; a
+    run with another config (unless ``overwrite``), listing the differences. Temporaries of
+    killed earlier writers of ``out_dir`` are removed here.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory",
+                          "give --out a directory path (the file was left untouched)")
+    clean_stale_tmp_dirs(out_dir)
+    ensure_writable_dir(out_dir.parent)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    metrics = _read_json(out_dir / "metrics.json")
+    if metrics is None:
+        raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
+    if overwrite:
+        return None
+    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.result_dump())
+    same = metrics.get("run_id") == run_id or not diffs
+    if same:  # a finished run is done; a failure record of the same config is simply retried
+        return metrics if metrics.get("status", "ok") == "ok" else None
+    raise ConfigError(
+        f"{out_dir} already holds a run with a different config (existing → this run):\n  " + "\n  ".join(diffs),
+        "choose another --out directory, or add --overwrite to replace that run")
+
+
+def config_differences(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """``key.path: old → new`` for every leaf that differs between two config dumps."""
+    if old is None:
+        return ["(the existing config.yaml is missing or unreadable)"]
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key, "<unset>"), new.get(key, "<unset>"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {a!r} → {b!r}")
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _clip_context(cfg: RunConfig, max_positions: int | None) -> RunConfig:
+    if max_positions and cfg.max_context > max_positions:
+        return cfg.model_copy(update={"max_context": max_positions})
+    return cfg
+
+
+def _train_block(summary: dict | None) -> dict | None:
+    if not summary:
+        return None
+    return {k: v for k, v in summary.items() if k not in ("curve", "train_tokens")}
+
+
+def _curve_point(method: Method, evals: list[EvalData], task: Task) -> dict:
+    out = {}
+    for ev, p in zip(evals, predict_eval_sets(method, evals).values()):
+        gold = np.array([e.label for e in ev.examples])
+        keep = ~p.skipped
+        out[ev.name] = {"accuracy": accuracy(gold[keep], p.pred[keep]), "mcc": mcc(gold[keep], p.pred[keep], task.num_labels)}
+    return out
+
+
+def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
+              preds: dict[str, Predictions], task: Task, tokenizer) -> None:
+    """Write all run files into a temp dir next to ``out_dir`` and rename it into place; an OS
+    refusal (ENOSPC, EROFS, …) becomes an ``OutputError`` (exit 1)."""
+    try:
+        _write_run_files(out_dir, cfg, manifest, metrics, evals, preds, tokenizer)
+    except OSError as e:  # full disk, read-only mount, …: say so, leave no temporaries (done below)
+        raise output_error(e, out_dir, "write results to") from None
+
+
+def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
+                     preds: dict[str, Predictions], tokenizer) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmp_dir(out_dir)
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.result_dump(), sort_keys=False))
+        (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for ev in evals:
+                p = preds[ev.name]
+                for i, e in enumerate(ev.examples):
+                    row = {
+                        "eval_set": ev.name, "id": e.id, "gold": e.label,
+                        "pred": int(p.pred[i]), "skipped": bool(p.skipped[i]),
+                        "label_logprobs": [None if not math.isfinite(v) else round(float(v), 6) for v in p.label_scores[i]],
+                    }
+                    if p.full_argmax_token is not None and not p.skipped[i]:
+                        row["full_argmax"] = tokenizer.convert_ids_to_tokens(int(p.full_argmax_token[i]))
+                        row["outside_verbalizer"] = bool(p.outside_verbalizer[i])
+                    if p.tie is not None and p.tie[i]:
+                        row["tie"] = True  # the best label score was shared exactly; pred is a seeded coin
+                    if e.groups:
+                        row["groups"] = e.groups
+                    f.write(json.dumps(row) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, allow_nan=False))
+        for p in tmp.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _clean(x):
+    """NaN/inf → None so metrics.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+__all__ = ["RunResult", "run_experiment", "FewtuneError"]

@@ -1,0 +1,1 @@
+"""Scoring: batching, the shared-prefix kernels, log-probs over verbalizers, calibration, heads."""
