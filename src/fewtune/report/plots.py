@@ -51,7 +51,7 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
     if not cells:
         return None
     fig = Figure(figsize=(5.2 * len(eval_sets) + 1.8, 4.2), layout="constrained")
-    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0], order), st._arm_sort(x[1])))
+    arms = sorted({(r.method, r.arm) for r in cells if r.method != st.MAJORITY}, key=lambda x: (st.method_rank(x[0], order), st.arm_sort(x[1])))
     styles = _arm_styles(arms, order)
     ns = sorted({r.n for r in cells if r.n is not None})
     for i, es in enumerate(eval_sets):
@@ -152,7 +152,7 @@ def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str
         if r.model == model and r.task == task and r.eval_set == eval_set:
             cells[(r.arm, r.method, r.n)].append(r)
     raw = []
-    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st.arm_sort(kv[0][0]), kv[0][2])):
         mem = [r.peak_memory_mb for r in rs if r.peak_memory_mb is not None]
         tr = [r.trainable_params for r in rs if r.trainable_params is not None]
         raw.append((arm, method, n, float(np.nanmean([r.accuracy for r in rs])),

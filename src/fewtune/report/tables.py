@@ -35,7 +35,7 @@ def results_table(summary: Sequence[st.SummaryRow], model: str, task: str, eval_
     if base:
         rows.append(["majority baseline", *[f"{base[0].baseline:.3f}"] * len(ns)])
     arms = []
-    for arm in [r.arm for r in cells if r.method != st.MAJORITY] + [k[2] for k in sorted(failed, key=lambda k: st._arm_sort(k[2]))]:
+    for arm in [r.arm for r in cells if r.method != st.MAJORITY] + [k[2] for k in sorted(failed, key=lambda k: st.arm_sort(k[2]))]:
         if arm not in arms:
             arms.append(arm)
     for arm in arms:
@@ -65,7 +65,7 @@ def breakdown_table(data: StudyData, model: str, task: str, order: Sequence[str]
             if total:
                 cells[(arm, str(r.config.get("method")), int(r.config.get("n")))][f"{h} / {lab}"].append(correct / total)
     out = []
-    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st._arm_sort(kv[0][0]), kv[0][2])):
+    for (arm, method, n), vals in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st.arm_sort(kv[0][0]), kv[0][2])):
         out.append((arm, method, n, {c: st.summarize(vals.get(c, [])) for c in cols}))
     return cols, out
 
@@ -79,7 +79,7 @@ def resource_rows(rows: Sequence[st.EvalRow], order: Sequence[str] = ()) -> list
     for r in per_run.values():
         cells[(r.model, r.task, r.method, r.arm, r.n)].append(r)
     out = []
-    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2], order), st._arm_sort(kv[0][3]), kv[0][4])):
+    for (model, task, method, arm, n), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], st.method_rank(kv[0][2], order), st.arm_sort(kv[0][3]), kv[0][4])):
         def mean(attr: str) -> float:
             v = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
             return float(np.mean(v)) if v else math.nan

@@ -72,7 +72,7 @@ def arm_results(ctx: Context, model: str, task: str, id_set: str | None, ood_set
         if r.model == model and r.task == task:
             runs.setdefault(r.run_id, r)
     keys = sorted({(r.method, r.arm, r.n) for r in runs.values()},
-                  key=lambda k: (k[2], st.method_rank(k[0], ctx.order), st._arm_sort(k[1])))
+                  key=lambda k: (k[2], st.method_rank(k[0], ctx.order), st.arm_sort(k[1])))
     out = []
     for method, arm, n in keys:
         rs = [r for r in runs.values() if r.arm == arm and r.n == n]

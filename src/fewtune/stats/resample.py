@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fewtune.errors import DataError
-from fewtune.stats import EvalRow
+from fewtune.stats.rows import EvalRow
 
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
