@@ -1,6 +1,11 @@
 """``## Which method``: the report's answer first. Per model × task, one table of every method arm
 with its accuracy in and out of domain, its costs and its place on the accuracy/memory Pareto
-front, then a recommendation per budget that says plainly when the data cannot tell methods apart.
+front, then per n the arms tied for the lead and a recommendation per budget among them.
+
+Why "tied for the lead" rather than "the best": the best of many noisy means is biased upwards
+(winner's curse). Every statement here uses the claims' uncertainty model (two-level paired
+bootstrap over seeds × eval examples, union with the seed-level t-interval; ``stats.two_level_test``)
+and the lead is a multiple comparison with the best (``stats.leaders``, Holm).
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ from fewtune.report.data import report_metrics
 from fewtune.report.doc import Doc, fmt_n, fmt_p, fmt_summary
 from fewtune.report.tables import eval_sets_ordered
 
-WITHIN = 0.01  # "within 1 point of the best": one accuracy point
-
 
 @dataclass
 class ArmResult:
@@ -37,6 +40,7 @@ class ArmResult:
     eval_s: float
     chosen: str = ""
     pareto: bool = False
+    lead: str = ""  # "winner" (alone in the lead), "tied" (tied for the lead), "" (significantly below the best)
 
     def cell(self, domain: str) -> st.SummaryRow | None:
         return self.id if domain == "id" else self.ood
@@ -92,22 +96,19 @@ def mark_pareto(arms: Sequence[ArmResult], domain: str) -> None:
             a.pareto = front
 
 
-def _pair(ctx: Context, model: str, task: str, n: int, es: str, a: str, b: str) -> st.PairedTest | None:
-    for c in ctx.pairs:
-        if (c.model, c.task, c.n, c.eval_set) == (model, task, n, es) and {c.arm_a, c.arm_b} == {a, b}:
-            return c.test
-    return None
+def _se(t: st.TwoLevelTest) -> str:
+    return f"SE over seeds {t.boot.se('seed_only'):.3f}, over seeds × eval examples {t.boot.se('total'):.3f}"
 
 
-def significance(test: st.PairedTest | None, other: ArmResult, domain: str) -> str:
-    """How sure the data is that ``other`` differs: the paired t-test over data seeds, in words."""
-    if test is None or not math.isfinite(test.t_p):
-        return (f"no paired test against {other.arm} ({other.mean(domain):.3f}) is possible (too few shared data seeds), "
-                "so the difference is not shown to be significant")
-    if test.significant():
-        return f"significantly different from {other.arm} ({other.mean(domain):.3f}; paired t-test over {test.n_pairs} seeds, p={fmt_p(test.t_p)})"
-    return (f"**not significantly different** from {other.arm} ({other.mean(domain):.3f}; paired t-test over {test.n_pairs} "
-            f"seeds, p={fmt_p(test.t_p)}): at this number of seeds the data cannot tell them apart")
+def fmt_vs(v: st.VsBest, other: ArmResult, domain: str) -> str:
+    """'lora (0.795; best − it +0.005 [−0.020, +0.031], p=0.62, Holm p=1; SE …)': the two-level test."""
+    t = v.test
+    if not t.enough:
+        return (f"{other.arm} ({other.mean(domain):.3f}; no paired test possible: {t.n_pairs} shared few-shot samples from "
+                f"{t.boot.seeds} data seeds, at least {st.MIN_PAIRS} from {st.MIN_SEEDS} are needed)")
+    note = f"; {t.t_note}" if t.t_note else ""
+    return (f"{other.arm} ({other.mean(domain):.3f}; best − it {t.diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}], "
+            f"p={fmt_p(t.p)}, Holm p={fmt_p(v.p_holm)}; {_se(t)}{note})")
 
 
 def _none_beats_baseline(arms: Sequence[ArmResult], domain: str) -> bool:
@@ -116,39 +117,76 @@ def _none_beats_baseline(arms: Sequence[ArmResult], domain: str) -> bool:
     return bool(cells) and all(c.at_baseline or c.stats.mean <= c.baseline for c in cells)
 
 
-def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> list[str]:
-    """The recommendation for one n: best accuracy, least memory and fewest trainable parameters
-    within one point of it, each with whether the difference is significant."""
+def _domain(arms: Sequence[ArmResult], sets: dict[str, str | None], lines: list[str]) -> str | None:
+    """OOD where any arm beats the baseline there, else ID; None when no arm beats it anywhere."""
     domains = [d for d in ("ood", "id") if sets[d] and any(math.isfinite(a.mean(d)) for a in arms)]
-    if not domains:
-        return []
-    if all(_none_beats_baseline(arms, d) for d in domains):
-        return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
-                "always predicting the most frequent label. More examples or a larger model."]
-    lines = []
-    domain = domains[0]
-    if _none_beats_baseline(arms, domain) and len(domains) > 1:
-        lines.append(f"Out of domain ({sets[domain]}) no method beats the majority baseline (or chance); ranked by in-domain accuracy instead.")
-        domain = domains[1]
-    label, es = domain.upper(), sets[domain]
-    scored = sorted((a for a in arms if math.isfinite(a.mean(domain))), key=lambda a: -a.mean(domain))
-    best = scored[0]
-    text = f"Best {label} accuracy: **{best.arm}** ({best.mean(domain):.3f})"
-    if len(scored) > 1:
-        text += "; " + significance(_pair(ctx, model, task, best.n, es, best.arm, scored[1].arm), scored[1], domain)
-    lines.append(text + ".")
-    for attr, what, unit in (("memory", "least memory", " MB"), ("trainable", "fewest trainable parameters", "")):
-        within = [a for a in scored if a.mean(domain) >= best.mean(domain) - WITHIN and math.isfinite(getattr(a, attr))]
-        if not within:
-            continue
-        pick = min(within, key=lambda a: getattr(a, attr))
-        if pick is best or getattr(pick, attr) >= getattr(best, attr):
-            lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: the best itself ({best.arm}).")
-            continue
-        lines.append(f"{what.capitalize()} within 1 point of the best {label} accuracy: **{pick.arm}** "
-                     f"({getattr(pick, attr):,.0f}{unit} vs {getattr(best, attr):,.0f}{unit}; {pick.mean(domain):.3f}); "
-                     + significance(_pair(ctx, model, task, best.n, es, best.arm, pick.arm), best, domain) + ".")
+    if not domains or all(_none_beats_baseline(arms, d) for d in domains):
+        return None
+    if _none_beats_baseline(arms, domains[0]) and len(domains) > 1:
+        lines.append(f"Out of domain ({sets[domains[0]]}) no method beats the majority baseline (or chance); ranked by "
+                     "in-domain accuracy instead.")
+        return domains[1]
+    return domains[0]
+
+
+def _lead_line(lead: st.Leaders, by_arm: dict[str, ArmResult], label: str, domain: str) -> list[str]:
+    best = by_arm[lead.best]
+    tied = [v for v in lead.vs_best if not v.worse]
+    worse = [v for v in lead.vs_best if v.worse]
+    if not tied:
+        head = f"Best {label} accuracy: **{best.arm}** ({best.mean(domain):.3f})"
+        if not worse:
+            return [head + "; the only arm with a result."]
+        return [head + ", significantly above every other arm (two-level tests, Holm-corrected); closest: "
+                + fmt_vs(worse[0], by_arm[worse[0].arm], domain) + "."]
+    lines = [f"Tied for the lead in {label} accuracy, **not distinguishable at this sample size** (two-level tests against the "
+             f"best mean, Holm-corrected): {best.arm} ({best.mean(domain):.3f}, best mean), "
+             + ", ".join(fmt_vs(v, by_arm[v.arm], domain) for v in tied) + "."]
+    if worse:
+        lines.append("Significantly below the best mean: " + ", ".join(fmt_vs(v, by_arm[v.arm], domain) for v in worse) + ".")
     return lines
+
+
+def _budget_lines(lead: st.Leaders, by_arm: dict[str, ArmResult], domain: str) -> list[str]:
+    """Least memory / fewest trainable parameters among the arms tied for the lead."""
+    best, tied = by_arm[lead.best], [by_arm[a] for a in lead.tied]
+    out = []
+    for attr, what, unit in (("memory", "least memory", " MB"), ("trainable", "fewest trainable parameters", "")):
+        cands = [a for a in tied if math.isfinite(getattr(a, attr))]
+        if not cands:
+            continue
+        pick = min(cands, key=lambda a: getattr(a, attr))
+        head = f"{what.capitalize()} among the arms tied for the lead"
+        if len(tied) == 1:
+            out.append(f"{head}: the winner itself ({best.arm}).")
+        elif pick is best or getattr(pick, attr) >= getattr(best, attr):
+            out.append(f"{head}: {best.arm}, the best mean itself.")
+        else:
+            out.append(f"{head}: {pick.arm} ({getattr(pick, attr):,.0f}{unit} vs {getattr(best, attr):,.0f}{unit} for "
+                       f"{best.arm}, the best mean; {pick.mean(domain):.3f} vs {best.mean(domain):.3f}, not distinguishable "
+                       "at this sample size).")
+    return out
+
+
+def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> list[str]:
+    """The recommendation for one n: the arms tied for the lead (multiple comparison with the best,
+    two-level tests), and per budget the cheapest of them. Marks ``lead`` on the arms."""
+    lines: list[str] = []
+    domain = _domain(arms, sets, lines)
+    if domain is None:
+        if any(sets[d] and any(math.isfinite(a.mean(d)) for a in arms) for d in ("ood", "id")):
+            return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
+                    "always predicting the most frequent label. More examples or a larger model."]
+        return []
+    es = sets[domain]
+    rows = [r for r in ctx.rows if r.model == model and r.task == task and r.n == arms[0].n and r.eval_set == es]
+    lead = st.leaders(rows, ctx.data.scores, {(a.method, a.arm): a.mean(domain) for a in arms}, domain)
+    if lead is None:
+        return lines
+    by_arm = {a.arm: a for a in arms}
+    for a in arms:
+        a.lead = ("winner" if len(lead.tied) == 1 else "tied") if a.arm in lead.tied else ""
+    return lines + _lead_line(lead, by_arm, domain.upper(), domain) + _budget_lines(lead, by_arm, domain)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -159,13 +197,13 @@ def _table(doc: Doc, task: str, arms: Sequence[ArmResult], sets: dict[str, str |
     has_mcc, has_chosen = any(a.mcc for a in arms), any(a.chosen for a in arms)
     header = ["method", "n", f"ID accuracy ({sets['id'] or '–'})", f"OOD accuracy ({sets['ood'] or '–'})",
               *([f"ID MCC ({sets['id']})"] if has_mcc else []), "peak memory MB", "trainable params", "train s", "eval s",
-              "Pareto", *(["chosen (selection)"] if has_chosen else [])]
+              "Pareto", "lead", *(["chosen (selection)"] if has_chosen else [])]
     rows = []
     for a in arms:
         acc = [fmt_summary(c.stats) + (" ≈" if c.at_baseline else "") if c else "–" for c in (a.id, a.ood)]
         rows.append([a.arm, fmt_n(a.n, a.n_applies), *acc, *([fmt_summary(a.mcc.stats) if a.mcc else "–"] if has_mcc else []),
                      _fmt(a.memory, ".0f"), _fmt(a.trainable, ",.0f"), _fmt(a.train_s, ".1f"), _fmt(a.eval_s, ".1f"),
-                     "★" if a.pareto else "", *([a.chosen or "–"] if has_chosen else [])])
+                     "★" if a.pareto else "", a.lead, *([a.chosen or "–"] if has_chosen else [])])
     doc.table(header, rows, caption=f"{task}: methods at a glance")
 
 
@@ -191,9 +229,13 @@ def which_method(ctx: Context) -> Doc:
         doc.p("No finished runs yet: nothing to recommend.")
         return doc
     doc.p("Per method arm and n: mean accuracy ± 95 % CI half-width over data seeds (runs), ≈ = indistinguishable from the "
-          "majority baseline; costs are means per run. ★ = Pareto-optimal in accuracy (OOD where there is an OOD set) vs peak "
-          "memory among the methods at the same n. Recommendations compare methods at the same n, on the same few-shot "
-          f"samples (paired t-test over data seeds, α = {st.ALPHA}).")
+          "majority baseline; costs are means per run. ★ = Pareto-optimal in mean accuracy (OOD where there is an OOD set) vs "
+          "peak memory among the methods at the same n. lead: 'winner' = the only arm not significantly worse than the best "
+          "mean, 'tied' = one of several such arms. Every comparison is paired on the same few-shot samples and eval examples "
+          "and has both sources of variance: a paired bootstrap over data seeds × eval examples (on the examples no compared "
+          "run skipped), united with the seed-level paired t-interval; the best mean is tested against each other arm, "
+          f"Holm-corrected (α = {st.ALPHA}). 'Not distinguishable at this sample size' is not equivalence: more seeds or eval "
+          "examples may separate them. See docs/statistics.md.")
     per_task: dict[str, dict[str, tuple[list[ArmResult], str]]] = {}
     for model, task in ctx.models_tasks():
         sets_all = eval_sets_ordered(ctx.rows, model, task)
@@ -201,13 +243,13 @@ def which_method(ctx: Context) -> Doc:
         sets = {d: next((s for s in sets_all if dom[s] == d), None) for d in ("id", "ood")}
         arms = arm_results(ctx, model, task, sets["id"], sets["ood"])
         mark_pareto(arms, "ood" if sets["ood"] else "id")
-        doc.h(3, f"{model} · {task}")
-        _table(doc, task, arms, sets)
         items = []
         for n in sorted({a.n for a in arms}):
             group = [a for a in arms if a.n == n]
             label = f"n={n}" if any(a.n_applies for a in group) else "n/a"
             items += [f"{label}: {line}" for line in recommend(ctx, model, task, group, sets)]
+        doc.h(3, f"{model} · {task}")
+        _table(doc, task, arms, sets)
         doc.items(items)
         per_task.setdefault(task, {})[model] = (arms, "ood" if sets["ood"] else "id")
     for task, by_model in per_task.items():

@@ -14,12 +14,17 @@ runner's ``metrics.json`` dicts, so it can be tested on hand-computed numbers wi
 from fewtune.stats.compare import (
                                    Comparison,
                                    GapRow,
+                                   Leaders,
                                    PairedTest,
+                                   TwoLevelTest,
+                                   VsBest,
                                    at_baseline_methods,
                                    id_ood_gaps,
+                                   leaders,
                                    paired_comparisons,
                                    paired_test,
                                    pareto_front,
+                                   two_level_test,
 )
 from fewtune.stats.rows import (
                                    ALPHA,
@@ -47,7 +52,8 @@ from fewtune.stats.summary import (
                                    t_interval,
 )
 
-__all__ = ["ALPHA", "AXIS_KEYS", "CONFIDENCE", "MAJORITY", "MIN_PAIRS", "MIN_SEEDS", "Comparison", "EvalRow", "GapRow",
+__all__ = ["ALPHA", "AXIS_KEYS", "CONFIDENCE", "MAJORITY", "MIN_PAIRS", "MIN_SEEDS", "Comparison", "EvalRow", "GapRow", "Leaders",
            "PairedTest", "Summary", "SummaryRow", "arm_labels", "arm_sort", "at_baseline_methods", "baseline_for",
            "baseline_margin", "collapse_reason", "eval_rows", "flatten", "id_ood_gaps", "indistinguishable", "method_rank",
-           "paired_comparisons", "paired_test", "pareto_front", "summarize", "summary_table", "t_interval"]
+           "paired_comparisons", "paired_test", "pareto_front", "summarize", "summary_table", "t_interval",
+           "TwoLevelTest", "VsBest", "leaders", "two_level_test"]

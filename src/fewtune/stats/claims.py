@@ -33,16 +33,13 @@ over 3–10 seeds lacks. p-values are the larger of the two.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
-from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from fewtune import stats as st
@@ -143,6 +140,7 @@ class ClaimTest:
     p_holm: float = math.nan
     outcome: str = ""
     enough: bool = True
+    t_note: str = ""  # why the seed-level t-test is undefined ("" when it is defined)
 
     @property
     def mean_diff(self) -> float:
@@ -165,30 +163,11 @@ class ClaimResult:
     test_text: str = ""
 
 
-def _t_interval(boot: PairedBootstrap, confidence: float) -> tuple[float, float, float]:
-    """Seed-level paired t-interval and p over units (NaN when undefined: < 2 units or no spread)."""
-    if len(boot.units) < 2 or np.ptp(boot.unit_a - boot.unit_b) < 1e-12:
-        return math.nan, math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res = sps.ttest_rel(boot.unit_a, boot.unit_b)
-        ci = res.confidence_interval(confidence)
-    return float(ci.low), float(ci.high), float(res.pvalue)
-
-
-def _union(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    lo = [x for x in (a[0], b[0]) if math.isfinite(x)]
-    hi = [x for x in (a[1], b[1]) if math.isfinite(x)]
-    return (min(lo) if lo else math.nan), (max(hi) if hi else math.nan)
-
-
 def _test(spec: ClaimSpec, label: str, boot: PairedBootstrap) -> ClaimTest:
     conf = 1 - spec.alpha if spec.kind == "direction" else 1 - 2 * spec.alpha
-    t_lo, t_hi, t_p = _t_interval(boot, conf)
-    lo, hi = _union(boot.ci(conf), (t_lo, t_hi))
-    p = max(x for x in (boot.p_value(), t_p) if math.isfinite(x)) if spec.kind == "direction" and boot.units else math.nan
-    enough = len(boot.units) >= st.MIN_PAIRS and boot.seeds >= st.MIN_SEEDS
-    return ClaimTest(label, boot, lo, hi, t_lo, t_hi, p, enough=enough)
+    t = st.two_level_test(boot, conf)
+    p = t.p if spec.kind == "direction" and boot.units else math.nan
+    return ClaimTest(label, boot, t.ci_low, t.ci_high, t.t_low, t.t_high, p, enough=t.enough, t_note=t.t_note)
 
 
 def claim_tests(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]], methods: Sequence[str],
@@ -255,7 +234,7 @@ def fmt_test(t: ClaimTest) -> str:
     """'+0.031 [−0.004, +0.066] (seed-only t [+0.010, +0.052]), p=0.08, Holm p=0.16, 12 samples / 3 seeds'."""
     if not t.n_pairs:
         return "no paired samples"
-    seed = f"seed-only t [{t.t_low:+.3f}, {t.t_high:+.3f}]" if math.isfinite(t.t_low) else "seed-only t undefined"
+    seed = f"seed-only t [{t.t_low:+.3f}, {t.t_high:+.3f}]" if math.isfinite(t.t_low) else (t.t_note or "seed-only t undefined")
     p = f", p={t.p:.3g}" if math.isfinite(t.p) else ""
     holm = f", Holm p={t.p_holm:.3g}" if math.isfinite(t.p_holm) else ""
     fixed = f"; no predictions for {', '.join(t.boot.fixed_sets)}: eval-sampling error left out there" if t.boot.fixed_sets else ""

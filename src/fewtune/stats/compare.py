@@ -1,4 +1,6 @@
-"""Comparisons: paired tests over data seeds, ID–OOD gaps and Pareto fronts."""
+"""Comparisons: paired tests over data seeds, the two-level test (seeds × eval examples) every
+"better / not distinguishable" statement uses, the set of arms tied with the best, ID–OOD gaps and
+Pareto fronts."""
 
 
 from __future__ import annotations
@@ -6,13 +8,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
 
-from fewtune.stats.rows import ALPHA, CONFIDENCE, EvalRow
+from fewtune.stats.resample import (
+    BOOTSTRAP_REPLICATES,
+    PairedBootstrap,
+    Scores,
+    Term,
+    paired_bootstrap,
+)
+from fewtune.stats.rows import ALPHA, CONFIDENCE, MIN_PAIRS, MIN_SEEDS, EvalRow
 from fewtune.stats.summary import (
     Summary,
     arm_sort,
@@ -121,6 +131,122 @@ def paired_comparisons(rows: Sequence[EvalRow], reference_method: str | None = "
             test = paired_test([arms[arm][s] for s in seeds], [arms[ref][s] for s in seeds])
             out.append(Comparison(model, task, n, eval_set, domain, metric, arm, ref, test, tuple(seeds)))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# two-level test and the arms tied with the best
+
+
+@dataclass(frozen=True)
+class TwoLevelTest:
+    """A − B with both sources of variance: the union of the two-level bootstrap interval (seeds ×
+    eval examples) and the seed-level paired t-interval; p is the larger of the two p-values.
+
+    Why both: the bootstrap adds the eval-sampling error (every seed is scored on the same
+    examples, so more seeds never remove it); the t-interval keeps the small-sample correction a
+    percentile bootstrap over 3–10 seeds lacks.
+    """
+
+    boot: PairedBootstrap
+    ci_low: float
+    ci_high: float
+    t_low: float
+    t_high: float
+    t_p: float
+    p: float
+    t_note: str = ""  # why the seed-level t-test is undefined; "" when it is defined
+
+    @property
+    def diff(self) -> float:
+        return self.boot.diff
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.boot.units)
+
+    @property
+    def enough(self) -> bool:
+        """Enough paired few-shot samples to test at all (``MIN_PAIRS`` from ``MIN_SEEDS`` seeds)."""
+        return self.n_pairs >= MIN_PAIRS and self.boot.seeds >= MIN_SEEDS
+
+    def significant(self, alpha: float = ALPHA) -> bool:
+        return self.enough and math.isfinite(self.p) and self.p < alpha
+
+
+def _t_note(d: np.ndarray) -> str:
+    if len(d) < 2:
+        return "fewer than 2 paired samples: no seed-level t-test"
+    if np.ptp(d) < 1e-12:
+        return (f"every sample's difference is the same ({d[0]:+.3f}): the seed-level t-test is undefined (zero variance), "
+                "only the eval-example bootstrap measures the uncertainty")
+    return ""
+
+
+def two_level_test(boot: PairedBootstrap, confidence: float = CONFIDENCE) -> TwoLevelTest:
+    """The project's one uncertainty model for a paired difference (claims and Which method)."""
+    d = boot.unit_a - boot.unit_b
+    note = _t_note(d)
+    t_lo = t_hi = t_p = math.nan
+    if not note:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = sps.ttest_rel(boot.unit_a, boot.unit_b)
+            ci = res.confidence_interval(confidence)
+        t_lo, t_hi, t_p = float(ci.low), float(ci.high), float(res.pvalue)
+    b_lo, b_hi = boot.ci(confidence)
+    lo = [x for x in (b_lo, t_lo) if math.isfinite(x)]
+    hi = [x for x in (b_hi, t_hi) if math.isfinite(x)]
+    ps = [x for x in (boot.p_value(), t_p) if math.isfinite(x)]
+    return TwoLevelTest(boot, min(lo, default=math.nan), max(hi, default=math.nan), t_lo, t_hi, t_p,
+                        max(ps, default=math.nan), note)
+
+
+@dataclass(frozen=True)
+class VsBest:
+    """best − arm: the two-level test and its Holm-adjusted p over the best-vs-each family."""
+
+    arm: str
+    test: TwoLevelTest
+    p_holm: float
+    worse: bool  # significantly below the best after Holm
+
+
+@dataclass(frozen=True)
+class Leaders:
+    """The arms not significantly worse than the best mean (multiple comparison with the best)."""
+
+    best: str
+    domain: str
+    vs_best: tuple[VsBest, ...]
+
+    @property
+    def tied(self) -> list[str]:
+        return [self.best, *(v.arm for v in self.vs_best if not v.worse)]
+
+    def vs(self, arm: str) -> VsBest | None:
+        return next((v for v in self.vs_best if v.arm == arm), None)
+
+
+def leaders(rows: Sequence[EvalRow], scores: Mapping[str, Mapping[str, Scores]], means: Mapping[tuple[str, str], float],
+            domain: str, alpha: float = ALPHA, replicates: int = BOOTSTRAP_REPLICATES) -> Leaders | None:
+    """Which arms (``means``: (method, arm) → mean accuracy) are tied for the lead in ``rows`` (one
+    model × task × n × eval set)?
+
+    Why not the argmax: the best of up to 15 noisy means is biased upwards (winner's curse). The
+    best is tested against each other arm with the two-level test, Holm-corrected over those
+    comparisons (statsmodels ``multipletests``); an arm stays in the lead unless it is significantly
+    worse. An arm with too few shared few-shot samples cannot be shown worse, so it stays too.
+    """
+    finite = {k: v for k, v in means.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    (bm, best), others = max(finite, key=lambda k: finite[k]), sorted(finite, key=lambda k: -finite[k])[1:]
+    tests = [two_level_test(paired_bootstrap(rows, scores, [Term(bm, domain, arm=best)], [Term(m, domain, arm=a)], replicates),
+                            1 - alpha) for m, a in others]
+    ps = [t.p if t.enough and math.isfinite(t.p) else 1.0 for t in tests]
+    reject, p_adj = (multipletests(ps, alpha=alpha, method="holm")[:2]) if ps else ([], [])
+    vs = tuple(VsBest(a, t, float(pa), bool(rej) and t.diff > 0) for (_, a), t, rej, pa in zip(others, tests, reject, p_adj))
+    return Leaders(best, domain, vs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,11 +87,20 @@ def scores_from(predictions: Sequence[Mapping]) -> dict[str, Scores]:
 
 @dataclass(frozen=True)
 class Term:
-    """``weight`` × (method's accuracy in ``domain``) within a unit."""
+    """``weight`` × (method's accuracy in ``domain``) within a unit; with ``arm``, that one arm of
+    the method (the Which-method section compares arms, the claims pool a method's arms)."""
 
     method: str
     domain: str
     weight: float = 1.0
+    arm: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        return (self.method, self.arm, self.domain)
+
+    def matches(self, r: EvalRow) -> bool:
+        return r.method == self.method and r.domain == self.domain and (self.arm is None or r.arm == self.arm)
 
 
 @dataclass
@@ -149,19 +158,23 @@ class PairedBootstrap:
         return float(np.std(arr, ddof=1)) if len(arr) > 1 else math.nan
 
 
-def _units(rows: Sequence[EvalRow], terms: Sequence[Term]) -> dict[Unit, dict[tuple[str, str], list[EvalRow]]]:
-    """Units that have rows for every (method, domain) of ``terms``."""
-    cells: dict[Unit, dict[tuple[str, str], list[EvalRow]]] = defaultdict(lambda: defaultdict(list))
-    wanted = {(t.method, t.domain) for t in terms}
+Cell = Mapping[tuple[str, str | None, str], list[EvalRow]]  # Term.key → its rows in one unit
+
+
+def _units(rows: Sequence[EvalRow], terms: Sequence[Term]) -> dict[Unit, Cell]:
+    """Units that have rows for every term (method or arm, domain) of ``terms``."""
+    cells: dict[Unit, dict[tuple[str, str | None, str], list[EvalRow]]] = defaultdict(lambda: defaultdict(list))
+    wanted = {t.key: t for t in terms}
     for r in rows:
-        if (r.method, r.domain) in wanted:
-            cells[(r.model, r.task, r.n, r.seed)][(r.method, r.domain)].append(r)
+        for key, t in wanted.items():
+            if t.matches(r):
+                cells[(r.model, r.task, r.n, r.seed)][key].append(r)
     return {u: c for u, c in cells.items() if all(c.get(w) for w in wanted)}
 
 
-def _eval_sets(cell: Mapping[tuple[str, str], list[EvalRow]], domain: str) -> list[str]:
+def _eval_sets(cell: Cell, domain: str) -> list[str]:
     """The domain's eval sets that every compared method was scored on in this unit."""
-    sets = [{r.eval_set for r in rs} for (_, d), rs in cell.items() if d == domain]
+    sets = [{r.eval_set for r in rs} for (_, _, d), rs in cell.items() if d == domain]
     return sorted(set.intersection(*sets)) if sets else []
 
 
@@ -170,7 +183,7 @@ def _side(cell, terms: Sequence[Term], es: str, domain: str, n_sets: int, correc
     out = np.zeros(())
     for t in terms:
         if t.domain == domain:
-            runs = [r for r in cell[(t.method, t.domain)] if r.eval_set == es]
+            runs = [r for r in cell[t.key] if r.eval_set == es]
             out = out + t.weight / n_sets / len(runs) * sum(correct(r) for r in runs)
     return np.asarray(out, dtype=np.float64)
 
@@ -221,7 +234,7 @@ def _design(rows, scores, side_a, side_b) -> tuple[list[Unit], dict[tuple[str, s
 def _unit_block(cell, block: _Block, scores, side_a, side_b, es, domain, n_sets):
     """(eval set, numerator A, numerator B, mask) of one unit on one eval set, over the examples
     that none of the unit's runs skipped; None if no example is left."""
-    runs = [r for (_, d), rs in cell.items() if d == domain for r in rs if r.eval_set == es]
+    runs = list({r.run_id: r for (_, _, d), rs in cell.items() if d == domain for r in rs if r.eval_set == es}.values())
     if not block.resampled:
         acc = lambda r: np.array([r.accuracy])  # noqa: E731
         return es, _side(cell, side_a, es, domain, n_sets, acc), _side(cell, side_b, es, domain, n_sets, acc), np.ones(1)
