@@ -232,3 +232,21 @@ def test_few_seeds_keep_the_t_correction() -> None:
     c = _claims(van + ad)["efficient-comparable"]
     assert c.tests[0].boot.ci(0.9)[0] > -0.10 and c.tests[0].ci_low == pytest.approx(-0.127, abs=0.002)
     assert c.verdict == "inconclusive"
+
+
+def test_identical_outcomes_have_no_eval_sampling_error_the_bootstrap_is_paired() -> None:
+    """Two methods right on exactly the same examples (a different set per seed): every resample of
+    the eval examples moves both the same way, so A − B never changes. An unpaired bootstrap (B's
+    examples drawn with other weights) would report an eval-only SE of about √(2p(1−p)/n) ≈ 0.06 per
+    seed, ≈ 0.03 over these 4 seeds."""
+    rng = np.random.default_rng(1)
+    rows, scores = [], {}
+    for seed in range(4):
+        correct = rng.random(120) < 0.7
+        for method in ("pbft", "vanilla"):
+            rid, cfg, m = make_run("cola", method, 16, seed, (0.7, 0.6), n_eval=120)
+            rows.append((rid, cfg, m))
+            scores[rid] = {"cola-id": _scores(correct, prefix="cola-id")}
+    boot = paired_bootstrap(st.eval_rows(rows), scores, [Term("pbft", "id")], [Term("vanilla", "id")], replicates=REPS)
+    assert boot.diff == 0.0 and len(boot.units) == 4
+    assert boot.se("eval_only") < 1e-9 and boot.se("total") < 1e-9
