@@ -12,6 +12,8 @@ from test_stats import make_run
 
 from fewtune import stats as st
 from fewtune.errors import ConfigError
+from fewtune.report.claims import add_claims_section, claims_csv_rows
+from fewtune.report.doc import Doc, render_markdown
 from fewtune.stats import claims as cl
 from fewtune.stats.resample import PairedBootstrap, Scores, Term, paired_bootstrap
 from fewtune.study import parse_study
@@ -250,3 +252,28 @@ def test_identical_outcomes_have_no_eval_sampling_error_the_bootstrap_is_paired(
     boot = paired_bootstrap(st.eval_rows(rows), scores, [Term("pbft", "id")], [Term("vanilla", "id")], replicates=REPS)
     assert boot.diff == 0.0 and len(boot.units) == 4
     assert boot.se("eval_only") < 1e-9 and boot.se("total") < 1e-9
+
+
+def test_opposite_effects_at_two_n_get_their_own_verdicts() -> None:
+    """Distillation 5 points ahead of vanilla at n=2 and 5 points behind at n=16: pooled over n the
+    effects cancel ('not supported'), the per-n verdicts show both; per task (one task) adds nothing."""
+    runs = []
+    for s in range(4):
+        w = 0.004 * (s % 2)
+        runs += [make_run("mnli", "vanilla", n, s, (0.60 + 0.01 * s, 0.5), n_eval=5000) for n in (2, 16)]
+        runs += [make_run("mnli", "distill", 2, s, (0.65 + 0.01 * s + w, 0.5), n_eval=5000),
+                 make_run("mnli", "distill", 16, s, (0.55 + 0.01 * s - w, 0.5), n_eval=5000)]
+    c = _claims(runs)["cd-beats-ft"]
+    assert c.verdict == "not supported" and c.scope == "pooled"
+    assert [(s.scope, s.verdict) for s in c.strata] == [("n=2", "supported"), ("n=16", "contradicted")]
+    assert c.strata[0].tests[0].n_pairs == 4 and c.strata[0].tests[0].mean_diff == pytest.approx(0.052)
+    one_n = _claims([r for r in runs if r[1]["n"] == 2])["cd-beats-ft"]
+    assert one_n.verdict == "supported" and one_n.strata == ()
+    doc = Doc()
+    add_claims_section(doc, [cl.ClaimSpec.model_validate(SPECS["cd-beats-ft"])], [c])
+    md = render_markdown(doc)
+    assert "| not supported | n=2: supported · n=16: contradicted |" in md
+    assert "separate hypotheses" in md and "no correction is applied across claims" in md
+    assert "| cd-beats-ft | n=16 | contradicted |" in md
+    rows = claims_csv_rows([c], {})
+    assert [r[-1] for r in rows] == ["pooled"] * 2 + ["n=2"] * 2 + ["n=16"] * 2  # ID and OOD per scope

@@ -33,9 +33,14 @@ def add_claims_section(doc: DocLike, specs: Sequence[ClaimSpec], claims: Sequenc
               "claims of Srinivasan et al. 2024 and Mosbach et al. 2023, or your own specs; see `fewtune/stats/claims.py`).")
         return
     doc.p("Each claim declared by the study config, tested on this study's runs (method: see 'Statistical method'). "
-          "A is the compared method, B the reference.")
-    doc.table(["claim", "methods (A…; B)", "test", "verdict", "evidence"],
-              [[c.claim, ", ".join(c.methods[:-1]) + "; " + c.methods[-1], c.test_text, c.verdict, c.reason] for c in claims])
+          "A is the compared method, B the reference. " + SEPARATE)
+    doc.table(["claim", "methods (A…; B)", "test", "verdict (pooled)", "per n and per task", "evidence"],
+              [[c.claim, ", ".join(c.methods[:-1]) + "; " + c.methods[-1], c.test_text, c.verdict,
+                " · ".join(f"{s.scope}: {s.verdict}" for s in c.strata) or "–", c.reason] for c in claims])
+    strata = [[c.key, s.scope, s.verdict, s.reason] for c in claims for s in c.strata]
+    if strata:
+        doc.table(["claim", "only", "verdict", "evidence"], strata,
+                  caption="the claims per n and per task (uncorrected breakdowns of the pooled verdicts)")
     rows = []
     for c in claims:
         for t in c.tests:
@@ -48,6 +53,12 @@ def add_claims_section(doc: DocLike, specs: Sequence[ClaimSpec], claims: Sequenc
                    "Holm p", "samples / seeds", "eval examples", "outcome"], rows,
                   caption="the claims' comparisons: both sources of variance (bootstrap standard errors)")
     doc.items([f"{c.key}: {cv}" for c in claims for cv in c.caveats])
+
+
+SEPARATE = ("The claims are separate hypotheses, each tested at its own α: no correction is applied across claims. The "
+            "verdict pools every n and task the compared methods share, which can hide opposite effects (one method ahead at "
+            "small n, the other at large n), so each claim also gets a verdict per n and per task; those breakdowns are "
+            "uncorrected and say where an effect comes from, they are not further claims.")
 
 
 def add_method_section(doc: DocLike, specs: Sequence[ClaimSpec]) -> None:
@@ -71,6 +82,7 @@ def add_method_section(doc: DocLike, specs: Sequence[ClaimSpec]) -> None:
         "Non-inferiority / equivalence claims: the (1 − 2α) interval (TOST by interval) must lie above −margin "
         "(non-inferiority) or inside ±margin (equivalence); every test of the claim must pass.",
         *[f"Claim {m}" for m in margins],
+        SEPARATE,
         f"A claim needs ≥ {st.MIN_PAIRS} paired samples from ≥ {st.MIN_SEEDS} data seeds, else 'not enough data'; when every "
         "compared method is mostly at the majority baseline the verdict is 'inconclusive'.",
         "Failed runs have no result and are left out of every statistic; each results cell and each claim states how many "
@@ -82,17 +94,18 @@ def add_method_section(doc: DocLike, specs: Sequence[ClaimSpec]) -> None:
 
 
 CLAIMS_CSV_HEADER = ["claim", "statement", "kind", "methods", "verdict", "reason", "comparison", "samples", "seeds", "mean_diff",
-                     "ci_low", "ci_high", "t_ci_low", "t_ci_high", "se_seed", "se_eval", "se_total", "p", "p_holm", "outcome"]
+                     "ci_low", "ci_high", "t_ci_low", "t_ci_high", "se_seed", "se_eval", "se_total", "p", "p_holm", "outcome", "scope"]
 
 
 def claims_csv_rows(claims: Sequence[ClaimResult], specs: Mapping[str, ClaimSpec]) -> list[list[Any]]:
+    """One row per comparison of each claim, pooled (scope 'pooled') and per n / per task."""
     out: list[list[Any]] = []
-    for c in claims:
+    for c in (x for claim in claims for x in (claim, *claim.strata)):
         head = [c.key, c.claim, specs[c.key].kind if c.key in specs else "", " ".join(c.methods), c.verdict, c.reason]
         if not c.tests:
-            out.append([*head, "", 0, 0, *[None] * 11])
+            out.append([*head, "", 0, 0, *[None] * 11, c.scope])
         for t in c.tests:
             b = t.boot
             out.append([*head, t.label, t.n_pairs, b.seeds, b.diff, t.ci_low, t.ci_high, t.t_low, t.t_high, b.se("seed_only"),
-                        b.se("eval_only"), b.se("total"), t.p, t.p_holm, t.outcome])
+                        b.se("eval_only"), b.se("total"), t.p, t.p_holm, t.outcome, c.scope])
     return out

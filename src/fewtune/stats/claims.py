@@ -161,6 +161,8 @@ class ClaimResult:
     tests: tuple[ClaimTest, ...] = ()
     caveats: tuple[str, ...] = ()
     test_text: str = ""
+    scope: str = "pooled"  # "pooled" (every n and task), or the stratum of a breakdown: "n=16", "task=cola"
+    strata: tuple[ClaimResult, ...] = ()  # the same claim per n and per task (when the study has several)
 
 
 def _test(spec: ClaimSpec, label: str, boot: PairedBootstrap) -> ClaimTest:
@@ -262,13 +264,39 @@ def _caveats(spec: ClaimSpec, rows: Sequence[st.EvalRow], methods: Sequence[str]
 
 
 def evaluate_claim(spec: ClaimSpec | Mapping[str, Any], rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]],
-                   failed: Mapping[str, int] | None = None, replicates: int = 2000) -> ClaimResult:
+                   failed: Mapping[str, int] | None = None, replicates: int = 2000, breakdown: bool = True) -> ClaimResult:
     """The one generic evaluator: any claim spec against a study's rows and per-example scores.
 
     ``failed`` counts failed runs per method (they have no rows; the verdict says they are missing).
+    With ``breakdown``, the result also holds the claim's verdict per n and per task (``strata``).
     """
     spec = spec if isinstance(spec, ClaimSpec) else ClaimSpec.model_validate(spec)
-    failed = failed or {}
+    pooled = _evaluate(spec, rows, scores, failed or {}, replicates)
+    return replace(pooled, strata=_strata(spec, rows, scores, replicates)) if breakdown else pooled
+
+
+def _strata(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]],
+            replicates: int) -> tuple[ClaimResult, ...]:
+    """The claim per n and per task, where the compared methods' runs span several.
+
+    Why: a pooled mean over every n and task lets opposite effects cancel (ICL ahead at small n,
+    fine-tuning at large n, say). These are uncorrected breakdowns of the pooled verdict, to read
+    where an effect comes from, not additional claims.
+    """
+    mine = [r for r in rows if r.method in (*spec.methods, spec.reference)]
+    out = []
+    for axis in ("n", "task"):
+        values = sorted({getattr(r, axis) for r in mine})
+        if len(values) < 2:
+            continue
+        for v in values:
+            sub = [r for r in mine if getattr(r, axis) == v]
+            out.append(replace(_evaluate(spec, sub, scores, {}, replicates), scope=f"{axis}={v}", caveats=()))
+    return tuple(out)
+
+
+def _evaluate(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]],
+              failed: Mapping[str, int], replicates: int) -> ClaimResult:
     present = {r.method for r in rows}
     all_methods = (*spec.methods, spec.reference)
     have = [m for m in spec.methods if m in present]
