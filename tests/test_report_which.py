@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
+from matplotlib.container import ErrorbarContainer
 from test_report import _md_table_after, build_study
 from test_stats import make_run
 
@@ -15,6 +17,7 @@ from fewtune import stats as st
 from fewtune.report import load_study_data
 from fewtune.report.context import build_context
 from fewtune.report.doc import render_markdown
+from fewtune.report.plots import cost_points, id_vs_ood_figure, pareto_figure
 from fewtune.report.which import which_method
 
 WOBBLE = (-0.02, 0.02, -0.02, 0.02)  # lora − vanilla per seed around −0.005: a difference the seeds cannot confirm
@@ -182,3 +185,37 @@ def test_the_budget_pick_comes_from_the_tied_set_not_from_within_one_point(tmp_p
     assert "too few" not in md
     cheap = next(l for l in md.splitlines() if "Least memory among the arms tied for the lead" in l)
     assert "pbft (800 MB vs 1,000 MB for vanilla" in cheap
+
+
+# ---------------------------------------------------------------------------------------------
+# plots: every accuracy point with its CI
+
+
+def _whiskers(ax) -> list[np.ndarray]:
+    """The whisker segments of every errorbar in ``ax``."""
+    return [seg for c in ax.containers if isinstance(c, ErrorbarContainer) for col in c.lines[2] for seg in col.get_segments()]
+
+
+def test_pareto_points_have_ci_whiskers_and_the_front_is_drawn_through_means(tmp_path: Path) -> None:
+    rows = st.eval_rows(_tradeoff_study(tmp_path))
+    pts = cost_points(rows, "tiny-random", "cola", "cola-ood")
+    lora = next(p for p in pts if p.arm == "lora")
+    s = st.summarize(r.accuracy for r in rows if r.arm == "lora" and r.eval_set == "cola-ood")
+    assert (lora.accuracy, lora.ci_low, lora.ci_high) == pytest.approx((s.mean, s.ci_low, s.ci_high)) and s.ci_low < s.mean
+    fig = pareto_figure(pts, "tiny-random", "cola", "cola-ood")
+    assert "the Pareto front is drawn through the means" in fig._suptitle.get_text()
+    for ax, x in zip(fig.axes, (lora.memory_mb, lora.trainable)):
+        segs = _whiskers(ax)
+        assert len(segs) == len(pts)  # one whisker per point
+        assert any(np.allclose(seg, [[x, s.ci_low], [x, s.ci_high]]) for seg in segs)
+
+
+def test_id_vs_ood_plot_shows_each_mean_with_ci_whiskers_on_both_axes(tmp_path: Path) -> None:
+    rows = st.eval_rows(_tradeoff_study(tmp_path))
+    fig = id_vs_ood_figure(rows, "tiny-random", "cola")
+    segs = _whiskers(fig.axes[0])
+    assert len(segs) == 2 * 3  # ID and OOD whisker for each of 3 methods
+    ood = st.summarize(r.accuracy for r in rows if r.arm == "lora" and r.domain == "ood")
+    idm = st.summarize(r.accuracy for r in rows if r.arm == "lora" and r.domain == "id")
+    assert any(np.allclose(seg, [[idm.mean, ood.ci_low], [idm.mean, ood.ci_high]]) for seg in segs)
+    assert any(np.allclose(seg, [[idm.ci_low, ood.mean], [idm.ci_high, ood.mean]]) for seg in segs)

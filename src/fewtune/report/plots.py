@@ -93,7 +93,13 @@ def plot_accuracy_vs_n(rows: Sequence[st.SummaryRow], model: str, task: str, eva
 
 
 def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path, order: Sequence[str] = ()) -> Path | None:
-    """Every run as a point: ID accuracy (x) vs OOD accuracy (y), as in Mosbach et al. (2023)."""
+    fig = id_vs_ood_figure(rows, model, task, order)
+    return None if fig is None else _save_fig(fig, path)
+
+
+def id_vs_ood_figure(rows: Sequence[st.EvalRow], model: str, task: str, order: Sequence[str] = ()) -> Figure | None:
+    """Every run as a point: ID accuracy (x) vs OOD accuracy (y), as in Mosbach et al. (2023); over
+    them each method's mean per n with its 95 % CI whiskers on both axes."""
     by_run: dict[str, list[st.EvalRow]] = defaultdict(list)
     for r in rows:
         if r.model == model and r.task == task:
@@ -116,8 +122,9 @@ def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path
             for j, n in enumerate(ns):
                 sel = [(i.accuracy, o.accuracy) for i, o in pts if i.method == method and i.n == n]
                 if sel:
-                    ax.scatter(*zip(*sel), color=_method_color(method, order), marker=markers[j % len(markers)], alpha=0.7, s=28,
-                               label=f"{method} n={n}" if len(ns) > 1 else method)
+                    ax.scatter(*zip(*sel), color=_method_color(method, order), marker=markers[j % len(markers)], alpha=0.35, s=18)
+                    _mean_cross(ax, sel, _method_color(method, order), markers[j % len(markers)],
+                                f"{method} n={n}" if len(ns) > 1 else method)
         lims = [0, 1]
         ax.plot(lims, lims, color="gray", linewidth=0.8, linestyle=":")
         i0, o0 = pts[0]
@@ -129,8 +136,16 @@ def plot_id_vs_ood(rows: Sequence[st.EvalRow], model: str, task: str, path: Path
         ax.grid(alpha=0.3)
         if k == len(keys) - 1:
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{model} (dashed: majority / chance; dotted: ID = OOD)", fontsize=10)
-    return _save_fig(fig, path)
+    fig.suptitle(f"{model}: small points = runs, large = mean per method and n with 95% CI whiskers over data seeds "
+                 "(dashed: majority / chance; dotted: ID = OOD)", fontsize=10)
+    return fig
+
+
+def _mean_cross(ax, pairs: Sequence[tuple[float, float]], color: str, marker: str, label: str) -> None:
+    """The mean of a method's runs with its 95 % CI whiskers on both axes (ID and OOD accuracy)."""
+    x, y = st.summarize(p[0] for p in pairs), st.summarize(p[1] for p in pairs)
+    ax.errorbar([x.mean], [y.mean], xerr=_yerr([x.mean], [x.ci_low], [x.ci_high]), yerr=_yerr([y.mean], [y.ci_low], [y.ci_high]),
+                color=color, marker=marker, markersize=8, markeredgecolor="black", capsize=3, linewidth=1.2, label=label)
 
 
 @dataclass(frozen=True)
@@ -138,11 +153,13 @@ class CostPoint:
     arm: str
     method: str
     n: int
-    accuracy: float
+    accuracy: float  # mean over data seeds
     memory_mb: float
     trainable: float
     on_front_memory: bool = False
     on_front_params: bool = False
+    ci_low: float = math.nan  # 95 % t-interval of the mean accuracy over data seeds
+    ci_high: float = math.nan
 
 
 def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str, order: Sequence[str] = ()) -> list[CostPoint]:
@@ -155,15 +172,30 @@ def cost_points(rows: Sequence[st.EvalRow], model: str, task: str, eval_set: str
     for (arm, method, n), rs in sorted(cells.items(), key=lambda kv: (st.method_rank(kv[0][1], order), st.arm_sort(kv[0][0]), kv[0][2])):
         mem = [r.peak_memory_mb for r in rs if r.peak_memory_mb is not None]
         tr = [r.trainable_params for r in rs if r.trainable_params is not None]
-        raw.append((arm, method, n, float(np.nanmean([r.accuracy for r in rs])),
-                    float(np.mean(mem)) if mem else math.nan, float(np.mean(tr)) if tr else math.nan))
+        acc = st.summarize(r.accuracy for r in rs)
+        raw.append((arm, method, n, acc.mean, float(np.mean(mem)) if mem else math.nan, float(np.mean(tr)) if tr else math.nan,
+                    acc.ci_low, acc.ci_high))
     fm = st.pareto_front([p[4] for p in raw], [p[3] for p in raw])
     fp = st.pareto_front([p[5] for p in raw], [p[3] for p in raw])
-    return [CostPoint(a, m, n, acc, mem, tr, f1, f2) for (a, m, n, acc, mem, tr), f1, f2 in zip(raw, fm, fp)]
+    return [CostPoint(a, m, n, acc, mem, tr, f1, f2, lo, hi) for (a, m, n, acc, mem, tr, lo, hi), f1, f2 in zip(raw, fm, fp)]
+
+
+def _yerr(means: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> np.ndarray:
+    """Whisker lengths below and above each mean (0 where the CI is undefined: a single run)."""
+    m = np.asarray(means, dtype=float)
+    lo = np.array([x if math.isfinite(x) else y for x, y in zip(lows, m)])
+    hi = np.array([x if math.isfinite(x) else y for x, y in zip(highs, m)])
+    return np.vstack([m - lo, hi - m])
 
 
 def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: str, path: Path, order: Sequence[str] = ()) -> Path | None:
-    """Accuracy vs peak memory and vs trainable parameters; the Pareto front is drawn and ringed."""
+    fig = pareto_figure(points, model, task, eval_set, order)
+    return None if fig is None else _save_fig(fig, path)
+
+
+def pareto_figure(points: Sequence[CostPoint], model: str, task: str, eval_set: str, order: Sequence[str] = ()) -> Figure | None:
+    """Accuracy (mean, 95 % CI whiskers) vs peak memory and vs trainable parameters; the Pareto
+    front through the means is drawn and ringed (overlapping whiskers: the front is not a ranking)."""
     if not points:
         return None
     fig = Figure(figsize=(11, 4.4), layout="constrained")
@@ -173,7 +205,9 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
         for method in sorted({p.method for p in points}, key=lambda m: st.method_rank(m, order)):
             sel = [p for p in points if p.method == method and math.isfinite(getattr(p, attr))]
             if sel:
-                ax.scatter([getattr(p, attr) for p in sel], [p.accuracy for p in sel], color=_method_color(method, order), label=method, s=30, alpha=0.8)
+                ax.errorbar([getattr(p, attr) for p in sel], [p.accuracy for p in sel],
+                            yerr=_yerr([p.accuracy for p in sel], [p.ci_low for p in sel], [p.ci_high for p in sel]),
+                            color=_method_color(method, order), label=method, fmt="o", markersize=5, alpha=0.8, capsize=2, linewidth=1)
         front = sorted((p for p in points if getattr(p, flag)), key=lambda p: getattr(p, attr))
         if front:
             ax.step([getattr(p, attr) for p in front], [p.accuracy for p in front], where="post", color="black", linewidth=1, label="Pareto front")
@@ -186,8 +220,9 @@ def plot_pareto(points: Sequence[CostPoint], model: str, task: str, eval_set: st
         ax.set_ylabel(f"{eval_set} accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{model} · {task} · {eval_set}: accuracy vs cost (mean per method arm and n)", fontsize=10)
-    return _save_fig(fig, path)
+    fig.suptitle(f"{model} · {task} · {eval_set}: accuracy vs cost (mean per method arm and n, whiskers: 95% CI over data "
+                 "seeds); the Pareto front is drawn through the means", fontsize=10)
+    return fig
 
 
 def plot_breakdown(cols: Sequence[str], table: Sequence[tuple[str, str, int, dict[str, st.Summary]]], model: str, title: str, path: Path,

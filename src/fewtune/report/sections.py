@@ -70,13 +70,17 @@ def plots(ctx: Context) -> Doc:
                 f"{model} · {task}: accuracy vs n per method with 95% CI bands",
                 "higher is better; a line above the dashed majority line whose band does not touch it beats a constant guess.")
         _figure(ctx, doc, plot_id_vs_ood(ctx.rows, model, task, ctx.fig_dir / f"{slug('id_vs_ood', model, task)}.png", ctx.order),
-                f"{model} · {task}: ID vs OOD accuracy of every run",
-                "points below the dotted diagonal do worse out of domain than in domain; up and right is better on both.")
+                f"{model} · {task}: ID vs OOD accuracy of every run, and each method's mean with 95% CI whiskers",
+                "points below the dotted diagonal do worse out of domain than in domain; up and right is better on both; "
+                "overlapping whiskers of two means: the data do not separate them.")
         for es in sets:
             pts = cost_points(ctx.rows, model, task, es, ctx.order)
             _figure(ctx, doc, plot_pareto(pts, model, task, es, ctx.fig_dir / f"{slug('pareto', model, task, es)}.png", ctx.order),
-                    f"{model} · {task} · {es}: accuracy vs peak memory and trainable parameters (Pareto front ringed)",
-                    "up and left is better; ringed methods are not beaten on both accuracy and cost by any other.")
+                    f"{model} · {task} · {es}: accuracy vs peak memory and trainable parameters (Pareto front through the "
+                    "means, ringed; whiskers: 95% CI over data seeds)",
+                    "up and left is better; ringed methods' means are not beaten on both accuracy and cost by any other. The front "
+                    "is drawn through means: where whiskers overlap, the order along it is not established (see Which method for "
+                    "the arms tied for the lead).")
     return doc
 
 
