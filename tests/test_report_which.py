@@ -219,3 +219,14 @@ def test_id_vs_ood_plot_shows_each_mean_with_ci_whiskers_on_both_axes(tmp_path: 
     idm = st.summarize(r.accuracy for r in rows if r.arm == "lora" and r.domain == "id")
     assert any(np.allclose(seg, [[idm.mean, ood.ci_low], [idm.mean, ood.ci_high]]) for seg in segs)
     assert any(np.allclose(seg, [[idm.ci_low, ood.mean], [idm.ci_high, ood.mean]]) for seg in segs)
+
+
+def test_an_arm_without_enough_shared_samples_cannot_be_shown_worse(tmp_path: Path) -> None:
+    """pbft ran on one data seed only: no paired test against the best is possible, so it is not
+    declared worse (it stays in the lead) and the section says why."""
+    runs = [make_run("cola", "vanilla", 16, s, (0.80 + 0.01 * s, 0.80 + 0.01 * s), n_eval=1000) for s in range(3)]
+    runs += [make_run("cola", "pbft", 16, 0, (0.75, 0.75), n_eval=1000)]
+    md = _which(build_study(tmp_path, runs, claims=()))
+    lead = next(l for l in md.splitlines() if "Tied for the lead" in l)
+    assert "pbft (0.750; no paired test possible: 1 shared few-shot samples from 1 data seeds, at least 3 from 2 are needed)" in lead
+    assert _rows(md)["pbft@16"]["lead"] == "tied"

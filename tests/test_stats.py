@@ -205,3 +205,29 @@ def test_collapsed_runs_are_flagged_from_flags_and_prediction_distribution() -> 
     assert {r.eval_set: r for r in st.eval_rows([(rid, cfg, m)])}["cola-ood"].collapsed
     m["collapsed"] = "loss at ln(2) for the last 10 steps"
     assert all(r.collapsed == "loss at ln(2) for the last 10 steps" for r in st.eval_rows([(rid, cfg, m)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the arms tied for the lead (multiple comparison with the best)
+
+
+def test_leaders_are_holm_corrected_over_the_best_vs_each_comparisons() -> None:
+    """Two arms each below the best on 5 samples with seed-level p = 0.033 and 0.044 (stored
+    accuracies: the t-test decides). Each alone is 'significantly worse'; Holm over the two
+    (0.033 · 2 = 0.066) keeps both in the lead."""
+    wobble = [-0.02, -0.01, 0.0, 0.01, 0.02]
+    runs = []
+    for s in range(5):
+        best = 0.80 + 0.01 * s
+        runs += [make_run("cola", "vanilla", 16, s, (best, best), n_eval=1000),
+                 make_run("cola", "lora", 16, s, (best - 0.0226 - wobble[s],) * 2, n_eval=1000),
+                 make_run("cola", "pbft", 16, s, (best - 0.0205 + wobble[s],) * 2, n_eval=1000)]
+    rows = [r for r in st.eval_rows(runs) if r.eval_set == "cola-id"]
+    means = {(m, m): sum(r.accuracy for r in rows if r.method == m) / 5 for m in ("vanilla", "lora", "pbft")}
+    lead = st.leaders(rows, {}, means, "id", replicates=400)
+    assert lead.best == "vanilla"
+    raw = {v.arm: v.test.p for v in lead.vs_best}
+    assert raw["lora"] == pytest.approx(0.033, abs=0.001) and raw["pbft"] == pytest.approx(0.044, abs=0.001)
+    assert lead.vs("lora").p_holm == pytest.approx(2 * raw["lora"]) and lead.vs("pbft").p_holm == pytest.approx(2 * raw["lora"])
+    assert lead.tied == ["vanilla", "pbft", "lora"]
+    assert all(v.test.significant() for v in lead.vs_best)  # each alone would be called worse
