@@ -291,18 +291,18 @@ def _strata(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Ma
             continue
         for v in values:
             sub = [r for r in mine if getattr(r, axis) == v]
-            out.append(replace(_evaluate(spec, sub, scores, {}, replicates), scope=f"{axis}={v}", caveats=()))
+            out.append(replace(_evaluate(spec, sub, scores, {}, replicates, caveats=False), scope=f"{axis}={v}"))
     return tuple(out)
 
 
 def _evaluate(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]],
-              failed: Mapping[str, int], replicates: int) -> ClaimResult:
+              failed: Mapping[str, int], replicates: int, caveats: bool = True) -> ClaimResult:
     present = {r.method for r in rows}
     all_methods = (*spec.methods, spec.reference)
     have = [m for m in spec.methods if m in present]
     missing = [m for m in all_methods if m not in present]
-    caveats = tuple(_caveats(spec, rows, [m for m in all_methods if m in present or failed.get(m)], failed))
-    base = dict(key=spec.key, claim=spec.statement, methods=all_methods, caveats=caveats, test_text=spec.margins_text())
+    notes = tuple(_caveats(spec, rows, [m for m in all_methods if m in present or failed.get(m)], failed)) if caveats else ()
+    base = dict(key=spec.key, claim=spec.statement, methods=all_methods, caveats=notes, test_text=spec.margins_text())
     if spec.reference not in present or not have:
         return ClaimResult(verdict="not enough data", reason="no finished runs of " + ", ".join(missing), **base)
     tests = claim_tests(spec, rows, scores, have, replicates)
