@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,7 +40,8 @@ class ArmResult:
     eval_s: float
     chosen: str = ""
     pareto: bool = False
-    lead: str = ""  # "winner" (alone in the lead), "tied" (tied for the lead), "" (significantly below the best)
+    # per domain: "winner" (alone in the lead), "tied" (tied for the lead), "" (significantly below the best)
+    lead: dict[str, str] = field(default_factory=dict)
 
     def cell(self, domain: str) -> st.SummaryRow | None:
         return self.id if domain == "id" else self.ood
@@ -168,9 +169,20 @@ def _budget_lines(lead: st.Leaders, by_arm: dict[str, ArmResult], domain: str) -
     return out
 
 
+def _leaders(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], domain: str, es: str) -> st.Leaders | None:
+    """The arms tied for the lead at one n on eval set ``es``; marks ``lead[domain]`` on the arms."""
+    rows = [r for r in ctx.rows if r.model == model and r.task == task and r.n == arms[0].n and r.eval_set == es]
+    lead = st.leaders(rows, ctx.data.scores, {(a.method, a.arm): a.mean(domain) for a in arms}, domain)
+    for a in arms:
+        if lead is not None and math.isfinite(a.mean(domain)):
+            a.lead[domain] = ("winner" if len(lead.tied) == 1 else "tied") if a.arm in lead.tied else ""
+    return lead
+
+
 def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], sets: dict[str, str | None]) -> list[str]:
-    """The recommendation for one n: the arms tied for the lead (multiple comparison with the best,
-    two-level tests), and per budget the cheapest of them. Marks ``lead`` on the arms."""
+    """The recommendation for one n: the arms tied for the lead per domain (multiple comparison with
+    the best, two-level tests), and per budget the cheapest of them in the deciding domain (OOD
+    where some method beats the baseline there). Marks ``lead`` on the arms."""
     lines: list[str] = []
     domain = _domain(arms, sets, lines)
     if domain is None:
@@ -178,15 +190,12 @@ def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], se
             return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
                     "always predicting the most frequent label. More examples or a larger model."]
         return []
-    es = sets[domain]
-    rows = [r for r in ctx.rows if r.model == model and r.task == task and r.n == arms[0].n and r.eval_set == es]
-    lead = st.leaders(rows, ctx.data.scores, {(a.method, a.arm): a.mean(domain) for a in arms}, domain)
-    if lead is None:
-        return lines
     by_arm = {a.arm: a for a in arms}
-    for a in arms:
-        a.lead = ("winner" if len(lead.tied) == 1 else "tied") if a.arm in lead.tied else ""
-    return lines + _lead_line(lead, by_arm, domain.upper(), domain) + _budget_lines(lead, by_arm, domain)
+    for d in [domain, *(d for d in ("ood", "id") if d != domain and sets[d])]:
+        lead = _leaders(ctx, model, task, arms, d, str(sets[d]))
+        if lead is not None:
+            lines += _lead_line(lead, by_arm, d.upper(), d) + (_budget_lines(lead, by_arm, d) if d == domain else [])
+    return lines
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -197,13 +206,14 @@ def _table(doc: Doc, task: str, arms: Sequence[ArmResult], sets: dict[str, str |
     has_mcc, has_chosen = any(a.mcc for a in arms), any(a.chosen for a in arms)
     header = ["method", "n", f"ID accuracy ({sets['id'] or '–'})", f"OOD accuracy ({sets['ood'] or '–'})",
               *([f"ID MCC ({sets['id']})"] if has_mcc else []), "peak memory MB", "trainable params", "train s", "eval s",
-              "Pareto", "lead", *(["chosen (selection)"] if has_chosen else [])]
+              "Pareto", *[f"lead ({d.upper()})" for d in ("id", "ood") if sets[d]], *(["chosen (selection)"] if has_chosen else [])]
     rows = []
     for a in arms:
         acc = [fmt_summary(c.stats) + (" ≈" if c.at_baseline else "") if c else "–" for c in (a.id, a.ood)]
         rows.append([a.arm, fmt_n(a.n, a.n_applies), *acc, *([fmt_summary(a.mcc.stats) if a.mcc else "–"] if has_mcc else []),
                      _fmt(a.memory, ".0f"), _fmt(a.trainable, ",.0f"), _fmt(a.train_s, ".1f"), _fmt(a.eval_s, ".1f"),
-                     "★" if a.pareto else "", a.lead, *([a.chosen or "–"] if has_chosen else [])])
+                     "★" if a.pareto else "", *[a.lead.get(d, "") for d in ("id", "ood") if sets[d]],
+                     *([a.chosen or "–"] if has_chosen else [])])
     doc.table(header, rows, caption=f"{task}: methods at a glance")
 
 
@@ -230,8 +240,8 @@ def which_method(ctx: Context) -> Doc:
         return doc
     doc.p("Per method arm and n: mean accuracy ± 95 % CI half-width over data seeds (runs), ≈ = indistinguishable from the "
           "majority baseline; costs are means per run. ★ = Pareto-optimal in mean accuracy (OOD where there is an OOD set) vs "
-          "peak memory among the methods at the same n. lead: 'winner' = the only arm not significantly worse than the best "
-          "mean, 'tied' = one of several such arms. Every comparison is paired on the same few-shot samples and eval examples "
+          "peak memory among the methods at the same n. lead (per domain and n): 'winner' = the only arm not significantly "
+          "worse than the best mean, 'tied' = one of several such arms. Every comparison is paired on the same few-shot samples and eval examples "
           "and has both sources of variance: a paired bootstrap over data seeds × eval examples (on the examples no compared "
           "run skipped), united with the seed-level paired t-interval; the best mean is tested against each other arm, "
           f"Holm-corrected (α = {st.ALPHA}). 'Not distinguishable at this sample size' is not equivalence: more seeds or eval "
