@@ -88,6 +88,12 @@ def add_method_section(doc: DocLike, specs: Sequence[ClaimSpec]) -> None:
         "Failed runs have no result and are left out of every statistic; each results cell and each claim states how many "
         "runs failed. Collapsed runs (every prediction on one label, or flagged by the runner) are kept — a collapse is a "
         "real outcome of the method — and marked ⚠ in the tables and named in the claims.",
+        "Which method: per model × task × n and domain, the best mean is compared with every other arm by the same "
+        "two-level test (union interval, larger p), Holm-corrected over those comparisons (statsmodels multipletests); the "
+        "arms not significantly worse than the best are tied for the lead ('winner' only when one arm remains), and the "
+        "least-memory and fewest-parameter recommendations are picked from them. 'Not distinguishable at this sample "
+        "size' is not equivalence (declare an equivalence claim with a margin for that). Plots show 95 % CI whiskers over "
+        "data seeds; the Pareto front is drawn through the means.",
         "Results tables and per-cell paired comparisons: 95 % t-intervals over data seeds only (no eval-sampling error); "
         "'≈ baseline' uses the larger of that interval and the Wilson interval (scipy binomtest) of a constant predictor.",
     ])

@@ -1,5 +1,6 @@
-"""Statistics over a study's runs: summaries over data seeds, per-cell paired comparisons, ID–OOD
-gaps and Pareto fronts — thin wrappers over scipy. The claims (with a bootstrap over seeds × eval
+"""Statistics over a study's runs: summaries over data seeds, per-cell paired comparisons, the
+two-level test (seeds × eval examples) and the arms tied for the lead, ID–OOD gaps and Pareto
+fronts — thin wrappers over scipy and statsmodels. The claims (with a bootstrap over seeds × eval
 examples) are in ``fewtune.stats.claims`` and ``fewtune.stats.resample``.
 
 Why these statistics: few-shot results vary a lot with *which* examples were sampled (Mosbach et
