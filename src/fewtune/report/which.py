@@ -187,8 +187,8 @@ def recommend(ctx: Context, model: str, task: str, arms: Sequence[ArmResult], se
     domain = _domain(arms, sets, lines)
     if domain is None:
         if any(sets[d] and any(math.isfinite(a.mean(d)) for a in arms) for d in ("ood", "id")):
-            return [f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
-                    "always predicting the most frequent label. More examples or a larger model."]
+            return [(f"None of these beats the majority baseline at this n and model ({model}): every method is within noise of "
+                     "always predicting the most frequent label. More examples or a larger model.")]
         return []
     by_arm = {a.arm: a for a in arms}
     for d in [domain, *(d for d in ("ood", "id") if d != domain and sets[d])]:

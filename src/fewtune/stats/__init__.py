@@ -53,8 +53,8 @@ from fewtune.stats.summary import (
                                    t_interval,
 )
 
-__all__ = ["ALPHA", "AXIS_KEYS", "CONFIDENCE", "MAJORITY", "MIN_PAIRS", "MIN_SEEDS", "Comparison", "EvalRow", "GapRow", "Leaders",
-           "PairedTest", "Summary", "SummaryRow", "arm_labels", "arm_sort", "at_baseline_methods", "baseline_for",
-           "baseline_margin", "collapse_reason", "eval_rows", "flatten", "id_ood_gaps", "indistinguishable", "method_rank",
-           "paired_comparisons", "paired_test", "pareto_front", "summarize", "summary_table", "t_interval",
-           "TwoLevelTest", "VsBest", "leaders", "two_level_test"]
+__all__ = ["ALPHA", "AXIS_KEYS", "CONFIDENCE", "MAJORITY", "MIN_PAIRS", "MIN_SEEDS", "Comparison", "EvalRow", "GapRow",
+           "Leaders", "PairedTest", "Summary", "SummaryRow", "TwoLevelTest", "VsBest", "arm_labels", "arm_sort",
+           "at_baseline_methods", "baseline_for", "baseline_margin", "collapse_reason", "eval_rows", "flatten",
+           "id_ood_gaps", "indistinguishable", "leaders", "method_rank", "paired_comparisons", "paired_test", "pareto_front",
+           "summarize", "summary_table", "t_interval", "two_level_test"]
