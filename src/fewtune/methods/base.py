@@ -100,6 +100,9 @@ class Method(ABC):
     # Whether training updates the pretrained weights (False: adapters/new heads only). Methods
     # that keep them frozen may load them in bf16 and spread them with a device_map.
     trains_base_weights: ClassVar[bool] = True
+    # Whether train.gradient_checkpointing works with it (prefix tuning: the layers append to the
+    # prefix's key/value cache, so recomputing a layer in backward would append a second time).
+    supports_gradient_checkpointing: ClassVar[bool] = True
     # Whether predictions depend on the few-shot sample (zero-shot: no, so its n is reported as n/a).
     uses_sample: ClassVar[bool] = True
 

@@ -71,10 +71,14 @@ def check_selection(cfg: RunConfig) -> None:
     sel = cfg.select
     if sel is None:
         return
+    trains = METHODS.get(cfg.method).trains
     for key, values in sel.candidates.items():
         if key.split(".")[0] not in TUNABLE or "." not in key:
             raise ConfigError(f"select: '{key}' cannot be selected",
                               "select train./params. keys only (e.g. train.lr, params.r); task, model, n and seed define the run")
+        if key.startswith("train.") and not trains:
+            raise ConfigError(f"select: '{key}' is a training option, and method '{cfg.method}' trains nothing",
+                              "select this method's params. keys only (e.g. params.k), or drop select: for it")
         if not values:
             raise ConfigError(f"select: '{key}' has no candidate values", "give at least two values to choose from")
     for values in candidate_grid(cfg):
