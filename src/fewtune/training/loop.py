@@ -28,7 +28,9 @@ What the loop does, and why:
   never touches these, so the two seeds stay separate and training is deterministic on CPU.
 - **Length:** ``epochs`` (may be fractional) or ``max_steps`` optimizer steps, whichever is given
   (``max_steps`` wins). Steps per epoch = ``ceil(batches / grad_accum)``: the last, possibly
-  incomplete accumulation of an epoch still steps (accelerate syncs at the end of the loader).
+  incomplete accumulation of an epoch still steps (accelerate syncs at the end of the loader),
+  with the full mean gradient of its micro-batches (``batches.accumulation_scale``; accelerate
+  alone would scale it by the fraction of the window that was filled).
 - **Stability:** gradients are clipped to ``max_grad_norm``. A NaN/inf loss or gradient norm stops
   training with ``TrainingDiverged`` naming the optimizer step and epoch, so the run's result
   records why it failed instead of evaluating a broken model.
@@ -71,6 +73,7 @@ from fewtune.training.batches import (
     ShardedBatches,
     _collate,
     _Keys,
+    accumulation_scale,
     shard_batch,
 )
 
@@ -90,6 +93,7 @@ class Batch:
     idx: torch.Tensor
     weight: float = 1.0  # this process's share of the global batch × processes (1.0 on one process)
     tokens: int = 0  # real tokens of the examples this process trains on (counted on the host)
+    accum_scale: float = 1.0  # grad_accum / micro-batches of a short last accumulation window (``accumulation_scale``)
 
 
 @dataclass
@@ -310,8 +314,9 @@ def train(
         epoch = 0
         while res.steps < total_steps:
             model.train()
-            for raw in loader:
-                batch = Batch(raw["ids"], raw["mask"], raw["last"], raw["idx"], raw["weight"], raw["tokens"])
+            for i, raw in enumerate(loader):
+                batch = Batch(raw["ids"], raw["mask"], raw["last"], raw["idx"], raw["weight"], raw["tokens"],
+                              accum_scale=accumulation_scale(i, n_batches, cfg.grad_accum))
                 norm = step_fn(batch, log)
                 res.train_tokens += batch.tokens
                 if accelerator.sync_gradients:
@@ -352,7 +357,7 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, loss_fn, trainable
             if batch.weight != 1.0:
                 loss = loss * batch.weight
             log.micro(loss)
-            accelerator.backward(loss)
+            accelerator.backward(loss * batch.accum_scale if batch.accum_scale != 1.0 else loss)
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
