@@ -111,6 +111,12 @@ class Method(ABC):
         """Whether the pretrained weights stay untouched (trains nothing, or adapters only)."""
         return not cls.trains or not cls.trains_base_weights
 
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        """Whether its training set is the few-shot sample (so a CV fold trains on a share of it);
+        distillation from the train pool trains on the pool instead."""
+        return cls.trains
+
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx
         self.params = params

@@ -107,6 +107,10 @@ class Distill(TrainableMethod):
     Params = DistillParams
     default_objective = "lm"
 
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        return params.get("pool", "few-shot") == "few-shot"
+
     # ------------------------------------------------------------------ data
 
     def training_examples(self, sample: list[Example]) -> list[Example]:
@@ -243,6 +247,10 @@ class DistillReleased(TrainableMethod):
     summary = "the study's released 'context distillation': same input for teacher and student, random heads (parity only)"
     Params = DistillReleasedParams
     default_objective = "classifier"
+
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        return params.get("pool", "few-shot") == "few-shot"
 
     def input_text(self, example: Example) -> str:
         """Instruction + input for both teacher and student (the released code's setup)."""

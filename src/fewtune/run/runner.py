@@ -225,9 +225,13 @@ def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: 
 def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
                 held_out: list[Example]) -> float:
     """One cross-validation trial: a fresh model trained on ``train_part``, scored on ``held_out``
-    with the selection metric (no learning curve: it would read the eval sets)."""
+    with the selection metric (no learning curve: it would read the eval sets). The held-out
+    examples are taken out of the train pool too (distillation from the pool must not train on
+    the inputs it is scored on)."""
     trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every_epoch": False})})
     method = build(trial)
+    held = {e.id for e in held_out}
+    method.ctx.train_pool = [e for e in method.ctx.train_pool if e.id not in held]
     torch.manual_seed(cfg.model_seed)
     method.fit(train_part)
     p = method.predict(held_out).keyed([e.id for e in held_out])
