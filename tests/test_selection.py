@@ -187,12 +187,14 @@ def test_cv_never_trains_on_the_held_out_fold(monkeypatch, tmp_path, data_dir):
     monkeypatch.setattr(runner, "_make_method", spy_make)
     cfg = RunConfig(model="tiny-random", task="cola", method="distill", n=4, eval_limit=4, eval_sets=["cola-id"],
                     params={"pool": "train", "pool_size": 4, "k": 2}, train={"max_steps": 1, "batch_size": 4},
-                    select={"candidates": {"train.lr": [1e-3]}, "folds": 2})
-    runner.run_experiment(cfg, data_dir=data_dir)
-    assert len(held) == 2 and len(fitted) == 3  # 2 folds, then the final fit
+                    select={"candidates": {"train.lr": [1e-3, 1e-3]}, "folds": 2})
+    metrics = runner.run_experiment(cfg, data_dir=data_dir).metrics
+    assert len(held) == 4 and len(fitted) == 5  # 2 candidates × 2 folds, then the final fit
     for ho, (fit_ids, pool_ids) in zip(held, fitted):
         assert ho and not (ho & fit_ids) and not (ho & pool_ids)
-    assert held[0] | held[1] <= fitted[2][0] | fitted[2][1]  # the final fit sees the whole sample
+    assert held[0] | held[1] <= fitted[4][0] | fitted[4][1]  # the final fit sees the whole sample
+    # two identical candidates cannot be told apart: recorded, and said in the run's warnings
+    assert metrics["selection"]["decided"] is False and any("decided: false" in w for w in metrics["warnings"])
 
 
 def test_the_report_column_of_chosen_values_says_when_the_choice_was_undecided():

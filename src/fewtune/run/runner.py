@@ -247,6 +247,9 @@ def _assemble_metrics(run: _Run, method: Method, train_summary: dict | None, pre
     }
     if metrics["collapsed"]:
         metrics["warnings"].append(metrics["collapsed"])
+    if run.selection and run.selection.get("decided") is False:
+        metrics["warnings"].append(f"select: cross-validation could not tell {run.selection['chosen']} from another candidate "
+                                   f"({run.selection['held_out_per_fold']} held-out examples per fold; decided: false)")
     for ev in run.evals:
         metrics["eval"][ev.name] = _eval_set_metrics(ev, preds[ev.name], run.task, ctx.cfg.max_context, metrics["warnings"])
     return metrics
