@@ -149,3 +149,29 @@ def test_calibration_where_it_cannot_apply_is_a_usage_error(tmp_path, method, ex
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, params", [("pbft", {}), ("lora", {"objective": "lm", "r": 2})])
+def test_lm_objective_contextual_bias_is_the_content_free_scores_of_the_trained_model(method, params):
+    """The recorded bias equals the mean label distribution of the content-free inputs in the
+    method's own pattern, scored by the trained model — not of the eval texts."""
+    from test_methods_train import make, toy_examples
+
+    from fewtune.scoring.scorer import score_prompts
+
+    m = make(method, {**params, "calibration": "contextual"}, lr=1e-2, max_steps=3, batch_size=8, warmup_ratio=0.0)
+    m.fit(toy_examples(16))
+    evals = toy_examples(12, seed=5, prefix="e")
+    preds = m.predict(evals)
+    ctx = m.ctx
+
+    def label_logprobs(texts):
+        return score_prompts(m.scoring_model(), ctx.lm.tokenizer, texts, ctx.verbalizer.token_ids,
+                             batch_size=8, precision="fp32").label_logprobs
+
+    content_free = [ctx.pattern.query({"sentence": filler}) for filler in CONTENT_FREE]
+    want = mean_distribution(label_logprobs(content_free))
+    from_evals = mean_distribution(label_logprobs([ctx.pattern.query(e.fields) for e in evals]))
+    assert preds.calibration["mode"] == "contextual"
+    assert preds.calibration["bias"] == pytest.approx(want.tolist(), abs=1e-5)
+    assert not np.allclose(want, from_evals, atol=1e-3)  # the two estimates differ: the test can tell them apart

@@ -88,3 +88,10 @@ def test_dry_run_exits_2_and_lists_infeasible_runs(tmp_path, data_dir):
     assert "infeasible:" in res.stdout and "icl · cola · n=16 · seed=0" in res.stdout and "fix: set max_context ≥" in res.stdout
     assert "1 of 2 runs cannot work" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_selection_folds_too_small_to_choose_are_a_dry_run_warning(data_dir):
+    small = _check(data_dir, n=2, method="vanilla", select={"train.lr": [1.0e-5, 1.0e-3]})
+    assert small.ok and any("2 held-out examples" in w.problem and "decided: false" in w.problem for w in small.warnings)
+    large = _check(data_dir, n=16, method="vanilla", select={"candidates": {"train.lr": [1.0e-5, 1.0e-3]}, "folds": 4})
+    assert not any("held-out" in w.problem for w in large.warnings)

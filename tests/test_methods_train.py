@@ -327,6 +327,30 @@ def test_distill_loss_weighs_kl_and_ce():
     assert float(m.loss(logits, batch)) == pytest.approx(float(0.3 * kl + 0.7 * ce), rel=1e-5)
 
 
+def test_distill_loss_is_a_per_example_mean_when_teacher_prompts_were_skipped():
+    """The data-parallel loop weights each process's mean loss by its share of the global batch
+    (``shard_batch``), which is the global mean only for a mean of per-example terms: two shards
+    with different numbers of skipped teacher prompts must recombine to the whole batch's loss."""
+    m = make("distill", {"alpha": 0.5}, lr=1e-3, max_steps=1, batch_size=8)
+    vocab = len(m.ctx.lm.tokenizer)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, vocab, generator=g) * 3
+    m.labels = torch.tensor([1, 0, 1, 0, 1, 0])
+    m.teacher_logp = torch.log_softmax(torch.randn(6, 2, generator=g) * 2, -1)
+    m.teacher_valid = torch.tensor([True, False, False, True, True, True])
+
+    def loss(rows):
+        idx = torch.tensor(rows)
+        b = Batch(torch.zeros(len(rows), 1, dtype=torch.long), torch.ones(len(rows), 1, dtype=torch.long),
+                  torch.zeros(len(rows), dtype=torch.long), idx)
+        return float(m.loss(logits[idx], b))
+
+    whole = loss([0, 1, 2, 3, 4, 5])
+    for split in (([0, 1, 2], [3, 4, 5]), ([0, 1], [2, 3, 4, 5])):
+        a, b = split
+        assert (len(a) * loss(a) + len(b) * loss(b)) / 6 == pytest.approx(whole, rel=1e-6)
+
+
 def test_lm_and_classifier_nets_compute_their_head_in_fp32_under_bf16():
     from fewtune.models.loading import autocast
     from fewtune.scoring.heads import ClassifierNet, LMNet

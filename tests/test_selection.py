@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fewtune.config import RunConfig
@@ -124,3 +125,81 @@ def test_bad_selection_is_a_usage_error_before_any_work(tmp_path, select, needle
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_indistinguishable_candidates_are_recorded_as_undecided_with_fold_spread():
+    cfg = _cfg({"train.lr": [1e-5, 1e-3, 1e-4]})
+    tie = {1e-5: [0.5, 0.75, 0.25, 0.75], 1e-3: [0.75, 0.25, 0.75, 0.5], 1e-4: [0.25, 0.5, 0.5, 0.25]}
+    fold = iter(range(10**6))
+
+    def scorer(table):
+        return lambda trial, train, held_out: table[trial.train.lr][next(fold) % 4]
+
+    chosen, record = select_values(cfg, _sample(8), scorer(tie))
+    assert chosen == {"train.lr": 1e-5} and record["decided"] is False  # equal means: the first listed, undecided
+    assert record["margin"] == pytest.approx(0.0) and record["held_out_per_fold"] == 4
+    assert record["candidates"][0]["fold_sd"] == pytest.approx(np.std(tie[1e-5], ddof=1), abs=1e-6)
+    clear = {1e-5: [0.5, 0.5, 0.25, 0.5], 1e-3: [0.75, 0.75, 0.5, 1.0], 1e-4: [0.25, 0.5, 0.5, 0.25]}
+    chosen, record = select_values(cfg, _sample(8), scorer(clear))
+    assert chosen == {"train.lr": 1e-3} and record["decided"] is True and record["margin"] == pytest.approx(0.375)
+    noisy = {1e-5: [1.0, 0.0, 1.0, 0.0], 1e-3: [0.0, 1.0, 0.5, 1.0], 1e-4: [0.0, 0.0, 0.0, 0.0]}
+    assert select_values(cfg, _sample(8), scorer(noisy))[1]["decided"] is False  # best by .125, fold noise larger
+
+
+def test_trials_take_the_final_fits_optimizer_steps_per_example():
+    seen = []
+    cfg = RunConfig(method="vanilla", task="cola", n=8, train={"max_steps": 12}, select={"train.lr": [1e-5]})
+    select_values(cfg, _sample(8), lambda trial, train, held_out: seen.append((trial.train.max_steps, len(train))) or 0.5)
+    assert seen == [(9, 12)] * 4  # 12 steps on 16 examples → 9 on the 12 a fold trains on
+    cfg = RunConfig(method="vanilla", task="cola", n=8, train={"epochs": 3}, select={"train.lr": [1e-5]})
+    select_values(cfg, _sample(8), lambda trial, train, held_out: seen.append(trial.train.max_steps) or 0.5)
+    assert seen[-1] is None  # epochs scale with the training set by themselves
+    cfg = RunConfig(method="distill", task="cola", n=8, params={"pool": "train"}, train={"max_steps": 12},
+                    select={"train.lr": [1e-5]})
+    select_values(cfg, _sample(8), lambda trial, train, held_out: seen.append(trial.train.max_steps) or 0.5)
+    assert seen[-1] == 12  # trains on the pool, whose size does not depend on the fold
+
+
+def test_cv_never_trains_on_the_held_out_fold(monkeypatch, tmp_path, data_dir):
+    """The ids ``fit`` sees and the train pool a trial can draw from are disjoint from its
+    held-out fold (distillation from the pool included)."""
+    from fewtune.run import runner
+
+    held, fitted = [], []
+    real_score, real_make = runner._fold_score, runner._make_method
+
+    def spy_score(build, metric, cfg, train, held_out):
+        held.append({e.id for e in held_out})
+        return real_score(build, metric, cfg, train, held_out)
+
+    def spy_make(c, *a, **k):
+        method = real_make(c, *a, **k)
+        fit = method.fit
+
+        def recording_fit(sample):
+            fitted.append(({e.id for e in sample}, {e.id for e in method.ctx.train_pool}))
+            return fit(sample)
+
+        method.fit = recording_fit
+        return method
+
+    monkeypatch.setattr(runner, "_fold_score", spy_score)
+    monkeypatch.setattr(runner, "_make_method", spy_make)
+    cfg = RunConfig(model="tiny-random", task="cola", method="distill", n=4, eval_limit=4, eval_sets=["cola-id"],
+                    params={"pool": "train", "pool_size": 4, "k": 2}, train={"max_steps": 1, "batch_size": 4},
+                    select={"candidates": {"train.lr": [1e-3, 1e-3]}, "folds": 2})
+    metrics = runner.run_experiment(cfg, data_dir=data_dir).metrics
+    assert len(held) == 4 and len(fitted) == 5  # 2 candidates × 2 folds, then the final fit
+    for ho, (fit_ids, pool_ids) in zip(held, fitted):
+        assert ho and not (ho & fit_ids) and not (ho & pool_ids)
+    assert held[0] | held[1] <= fitted[4][0] | fitted[4][1]  # the final fit sees the whole sample
+    # two identical candidates cannot be told apart: recorded, and said in the run's warnings
+    assert metrics["selection"]["decided"] is False and any("decided: false" in w for w in metrics["warnings"])
+
+
+def test_the_report_column_of_chosen_values_says_when_the_choice_was_undecided():
+    from fewtune.results import _selection_cell
+
+    assert json.loads(_selection_cell({"chosen": {"train.lr": 1e-3}, "decided": False})) == {"train.lr": 1e-3, "decided": False}
+    assert json.loads(_selection_cell({"chosen": {"train.lr": 1e-3}, "decided": True})) == {"train.lr": 1e-3}
+    assert _selection_cell(None) is None

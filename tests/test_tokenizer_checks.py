@@ -80,3 +80,22 @@ def test_a_tokenizer_without_pad_gets_one_or_a_clear_error(lm, keep, want):
     else:
         with pytest.raises(ConfigError, match="no pad, eos, unk or bos"):
             ensure_pad_token(t)
+
+
+def test_training_reads_the_position_scoring_reads_with_an_eos_appending_tokenizer(eos_tok):
+    """One tokenization path: a tokenizer that appends EOS trains exactly as one that does not
+    (the loss is read at the text's last token, where prediction reads, never at the EOS)."""
+    from test_methods_train import make, toy_examples
+
+    examples = toy_examples(8)
+    runs = []
+    for with_eos in (False, True):
+        m = make("pbft", lr=1e-3, max_steps=2, batch_size=4, warmup_ratio=0.0)
+        if with_eos:
+            m.ctx.lm.tokenizer = eos_tok
+        texts = [m.input_text(e) for e in examples]
+        seqs = m.encode_training(texts)
+        assert seqs == encode_prompts(m.ctx.lm.tokenizer, texts).query_ids
+        assert all(s[-1] != eos_tok.eos_token_id for s in seqs)
+        runs.append(m.fit(examples)["loss_history"])
+    assert runs[1] == pytest.approx(runs[0], abs=1e-6)

@@ -115,6 +115,41 @@ def test_uneven_accumulation_still_steps_at_epoch_end():
     assert res.steps == res.total_steps == 4
 
 
+@pytest.mark.parametrize("n, batch, accum", [(4, 2, 4), (12, 4, 2)])
+def test_a_short_last_accumulation_steps_with_its_full_mean_gradient(monkeypatch, n, batch, accum):
+    """Plain SGD shows the gradient's scale (AdamW would hide it): an epoch's last window of
+    m < grad_accum micro-batches must step as one of grad_accum equal micro-batches, not m/grad_accum of it."""
+    from fewtune.training import loop
+    from fewtune.training.batches import accumulation_scale
+
+    monkeypatch.setattr(loop, "make_optimizer", lambda groups, lr: torch.optim.SGD(groups, lr=lr))
+    seqs, labels = toy_data(n)
+    common = dict(lr=0.5, epochs=1, warmup_ratio=0.0, schedule="constant", group_by_length=False, max_grad_norm=None,
+                  weight_decay=0.0)
+    a, b = BagNet(), BagNet()
+    ra = run(a, seqs, ce(labels), TrainConfig(batch_size=batch, grad_accum=accum, **common))
+    # the reference: every window one optimizer step over its micro-batches' mean loss, by hand
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    micro = [perm[i : i + batch] for i in range(0, n, batch)]
+    opt = torch.optim.SGD(b.parameters(), lr=0.5)
+    for w in range(0, len(micro), accum):
+        window = micro[w : w + accum]
+        loss = sum(F.cross_entropy(b(*_pad([seqs[i] for i in mb])), labels[mb]) for mb in window) / len(window)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ra.steps == math.ceil(len(micro) / accum)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    assert [accumulation_scale(i, 5, 2) for i in range(5)] == [1.0, 1.0, 1.0, 1.0, 2.0]
+
+
+def _pad(seqs):
+    from fewtune.scoring.batching import pad_batch
+
+    return pad_batch(seqs, PAD, CPU)
+
+
 def test_training_is_deterministic_per_model_seed():
     seqs, labels = toy_data(16)
     cfg = TrainConfig(lr=0.05, epochs=2, batch_size=4)

@@ -147,6 +147,17 @@ def eval_rows(runs: Iterable[RunFiles]) -> list[st.EvalRow]:
     return st.eval_rows(((r.run_id, r.config, r.metrics) for r in runs if r.status == "done" and r.metrics), arms)
 
 
+def _selection_cell(selection: dict | None) -> str | None:
+    """The chosen values (JSON), with ``decided: false`` where CV could not tell the choice from
+    another candidate (``run.selection``), so the report's "chosen" column says so."""
+    if not selection:
+        return None
+    chosen = dict(selection.get("chosen") or {})
+    if selection.get("decided") is False:
+        chosen["decided"] = False
+    return json.dumps(chosen)
+
+
 def _run_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
     arms = st.arm_labels({r.run_id: r.config for r in runs})
     by_run: dict[str, list[st.EvalRow]] = {}
@@ -157,7 +168,7 @@ def _run_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
     for r in runs:
         common = {"status": r.status, "params": json.dumps(r.config.get("params") or {}, sort_keys=True),
                   "n_applies": applies[str(r.config.get("method"))], "error": (r.error or "").splitlines()[0] if r.error else None,
-                  "selection": json.dumps((r.metrics or {}).get("selection", {}).get("chosen")) if (r.metrics or {}).get("selection") else None,
+                  "selection": _selection_cell((r.metrics or {}).get("selection")),
                   "run_dir": str(r.run_dir) if r.run_dir else None}
         for row in by_run.get(r.run_id, []):
             d = {k: v for k, v in asdict(row).items() if k not in _DICT_FIELDS}

@@ -97,6 +97,7 @@ class PromptLearningMethod(SavesAdapter, TrainableMethod):
     """Template: a subclass gives the peft config (``prompt_config``) and may initialise it."""
 
     peft_name: ClassVar[str] = ""
+    trains_base_weights = False  # the virtual tokens (and the head) train; the model stays frozen
 
     def prompt_config(self):
         raise NotImplementedError

@@ -238,10 +238,13 @@ class TrainableMethod(Method):
         return F.cross_entropy(logits, targets)
 
     def encode_training(self, texts: Sequence[str]) -> list[list[int]]:
+        """The training inputs, tokenized by the very path scoring uses (``encode_prompts``: a
+        leading BOS where the model uses one, never an appended EOS), so the loss reads the
+        position prediction reads; then cut to ``train.max_length`` from the left."""
         tok = self.ctx.lm.tokenizer
         max_len = self.ctx.cfg.train.max_length
         bos = tok.bos_token_id if _adds_bos(tok) else None
-        seqs = tok(list(texts), add_special_tokens=True)["input_ids"]
+        seqs = [list(q or []) for q in encode_prompts(tok, list(texts)).query_ids]  # no max_context: none skipped
         out = [truncate_left(list(s), max_len, bos) for s in seqs]
         cut = sum(len(a) != len(b) for a, b in zip(seqs, out))
         if cut:

@@ -100,6 +100,9 @@ class Method(ABC):
     # Whether training updates the pretrained weights (False: adapters/new heads only). Methods
     # that keep them frozen may load them in bf16 and spread them with a device_map.
     trains_base_weights: ClassVar[bool] = True
+    # Whether train.gradient_checkpointing works with it (prefix tuning: the layers append to the
+    # prefix's key/value cache, so recomputing a layer in backward would append a second time).
+    supports_gradient_checkpointing: ClassVar[bool] = True
     # Whether predictions depend on the few-shot sample (zero-shot: no, so its n is reported as n/a).
     uses_sample: ClassVar[bool] = True
 
@@ -107,6 +110,12 @@ class Method(ABC):
     def keeps_base_frozen(cls) -> bool:
         """Whether the pretrained weights stay untouched (trains nothing, or adapters only)."""
         return not cls.trains or not cls.trains_base_weights
+
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        """Whether its training set is the few-shot sample (so a CV fold trains on a share of it);
+        distillation from the train pool trains on the pool instead."""
+        return cls.trains
 
     def __init__(self, ctx: RunContext, params: StrictModel) -> None:
         self.ctx = ctx

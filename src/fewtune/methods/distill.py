@@ -107,6 +107,10 @@ class Distill(TrainableMethod):
     Params = DistillParams
     default_objective = "lm"
 
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        return params.get("pool", "few-shot") == "few-shot"
+
     # ------------------------------------------------------------------ data
 
     def training_examples(self, sample: list[Example]) -> list[Example]:
@@ -183,7 +187,7 @@ class Distill(TrainableMethod):
             raise ConfigError("every teacher prompt is longer than max_context", "use fewer demonstrations (params.k)")
         if skipped.any():
             self._warnings.append(f"{int(skipped.sum())} teacher prompts exceed max_context={ctx.cfg.max_context} tokens; "
-                                  "those examples train on the CE term only")
+                                  "those examples train on the CE term only (their KL term is 0)")
         self.teacher_logp = torch.tensor(np.nan_to_num(logp, nan=0.0), dtype=torch.float32)
         self.teacher_valid = torch.tensor(~skipped)
         self.teacher_tokens = tokens
@@ -212,7 +216,10 @@ class Distill(TrainableMethod):
         verb = logits if p.restrict_to_verbalizer else logits[:, list(self.ctx.verbalizer.token_ids)]
         valid = self.teacher_valid.to(logits.device)[batch.idx]
         kl_rows = distill_kl(verb, self.teacher_logp.to(logits.device)[batch.idx], p.temperature)
-        kl = (kl_rows * valid).sum() / valid.sum().clamp(min=1)
+        # A mean of per-example terms (0 where the teacher's prompt was skipped), not a mean over
+        # the valid rows: the data-parallel loop weights each process's mean by its share of the
+        # global batch, which gives the global batch's mean only for a per-example mean.
+        kl = (kl_rows * valid).sum() / len(kl_rows)
         if not p.labels:
             return kl
         return p.alpha * kl + (1 - p.alpha) * self.supervised_loss(logits, batch)
@@ -240,6 +247,10 @@ class DistillReleased(TrainableMethod):
     summary = "the study's released 'context distillation': same input for teacher and student, random heads (parity only)"
     Params = DistillReleasedParams
     default_objective = "classifier"
+
+    @classmethod
+    def trains_on_sample(cls, params: dict) -> bool:
+        return params.get("pool", "few-shot") == "few-shot"
 
     def input_text(self, example: Example) -> str:
         """Instruction + input for both teacher and student (the released code's setup)."""

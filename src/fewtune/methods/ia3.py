@@ -28,6 +28,7 @@ class IA3Options(ObjectiveParams):
 @register
 class IA3(SavesAdapter, TrainableMethod):
     name = "ia3"
+    trains_base_weights = False  # the scaling vectors (and the head) train; the model stays frozen
     summary = "peft (IA)³: learned rescaling of keys, values and FFN activations + head (or the PBFT objective)"
     Params = IA3Options
 

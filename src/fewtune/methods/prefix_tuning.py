@@ -27,6 +27,7 @@ class PrefixTuning(PromptLearningMethod):
     summary = "peft prefix tuning: learned per-layer key/value prefix, model frozen; head or PBFT"
     Params = PrefixTuningParams
     peft_name = "prefix tuning"
+    supports_gradient_checkpointing = False  # the prefix cache would be appended to twice (recomputation)
 
     def prompt_config(self):
         from peft import PrefixTuningConfig

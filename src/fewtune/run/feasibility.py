@@ -33,6 +33,7 @@ from fewtune.models import embedded
 from fewtune.models.loading import LoadedModel, embedded_model_dir, load_tokenizer
 from fewtune.models.tiny import family_of, is_tiny, tiny_config
 from fewtune.run.runner import EvalData, load_eval_sets
+from fewtune.run.selection import MIN_FOLD_EXAMPLES, fold_size_warning
 from fewtune.scoring.batching import encode_prompts
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.base import Example
@@ -159,6 +160,9 @@ def check_run(cfg: Any, env: _Env) -> tuple[Problems, Problems]:
                     lambda: load_eval_sets(task, cfg, env.data_dir))
     if isinstance(method, Distill):
         _check_teacher(method, sample, limit, window, errors, warnings)
+    small_folds = fold_size_warning(cfg, sample)
+    if small_folds:
+        warnings.append((small_folds, f"raise n (≥ {MIN_FOLD_EXAMPLES} held-out examples per fold), use fewer folds, or drop select:"))
     prefix = _eval_prompts(method, sample, [])[0]  # the per-run part (ICL's demonstrations)
     for ev in evals:
         # Queries depend on the eval set and the method's text, not on the seed: built once.

@@ -14,8 +14,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,8 @@ from fewtune.run.selection import select_values, with_values
 from fewtune.stats.metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from fewtune.tasks import get_task, load_eval, load_train
 from fewtune.tasks.base import Example, Task
-from fewtune.tasks.prompts import verbalizer_token_ids
-from fewtune.tasks.sampling import few_shot_sample, stratified_subsample
+from fewtune.tasks.prompts import Pattern, verbalizer_token_ids
+from fewtune.tasks.sampling import FewShotSample, few_shot_sample, stratified_subsample
 from fewtune.training import distributed
 from fewtune.training.tracking import check_available, log_run
 
@@ -91,118 +92,193 @@ def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> d
     return preds
 
 
+@dataclass
+class _Run:
+    """What the phases of one run share (``run_experiment``)."""
+
+    cfg: RunConfig
+    run_id: str
+    out_dir: Path | None
+    data_dir: Path | None
+    dev: torch.device
+    main: bool
+    progress: Any
+    task: Task
+    pattern: Pattern
+    meter: ResourceMeter
+    started: float
+    pool: list[Example] = field(default_factory=list)
+    sample: FewShotSample | None = None
+    evals: list[EvalData] = field(default_factory=list)
+    selection: dict | None = None
+
+
 def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None,
                    overwrite: bool = False) -> RunResult:
     """Run one experiment; write its files to ``out_dir`` (atomically) if given.
 
     ``out_dir`` is checked before any work (see ``check_out_dir``): if it already holds this very
-    run, finished, nothing is run and its metrics are returned with ``reused=True``.
+    run, finished, nothing is run and its metrics are returned with ``reused=True``. The phases:
+    check, sample, select, build, train (a divergence is recorded), evaluate, assemble the
+    metrics, write, log.
     """
+    cfg, run_id, dev = _checked(cfg)
+    if out_dir is not None:
+        done = distributed.from_main(lambda: check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite))
+        if done is not None:
+            return RunResult(cfg, done, Path(out_dir), reused=True, main_process=distributed.is_main())
+    run = _start(cfg, run_id, out_dir, data_dir, dev, progress)
+    _sample(run)
+    fit_cfg = _select(run)
+    method = _build(run, fit_cfg)
+    train_summary = _train(run, method)
+    if not run.main:  # trained its share; process 0 evaluates and writes
+        return RunResult(cfg, {}, None, main_process=False)
+    preds = _evaluate(run, method, train_summary)
+    metrics = _assemble_metrics(run, method, train_summary, preds)
+    if out_dir is not None:
+        write_run(Path(out_dir), cfg, run.sample.manifest(), metrics, run.evals, preds, run.task, method.ctx.lm.tokenizer)
+    _log(run, metrics)
+    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def _checked(cfg: RunConfig) -> tuple[RunConfig, str, torch.device]:
+    """The resolved config, its run id and the device, after every check that needs no data."""
     cfg = resolve(cfg)
     run_id = cfg.content_hash()  # of exactly the config written to config.yaml
     dev = distributed.device()
     check_available(cfg.log_to)
     distributed.check_supported(cfg.method, METHODS.get(cfg.method).trains, getattr(cfg, "device_map", None),
                                 resolve_precision(cfg.precision, dev))
-    if out_dir is not None:
-        done = distributed.from_main(lambda: check_out_dir(cfg, run_id, Path(out_dir), overwrite=overwrite))
-        if done is not None:
-            return RunResult(cfg, done, Path(out_dir), reused=True, main_process=distributed.is_main())
+    return cfg, run_id, dev
+
+
+def _start(cfg: RunConfig, run_id: str, out_dir: Path | None, data_dir: Path | None, dev: torch.device, progress) -> _Run:
     main = distributed.is_main()
-    progress = progress if main else None
     task = get_task(cfg.task)
-    pattern = task.pattern(cfg.pattern)
-    meter = ResourceMeter(dev)
-    started = time.time()
+    return _Run(cfg, run_id, out_dir, data_dir, dev, main, progress if main else None, task, task.pattern(cfg.pattern),
+                ResourceMeter(dev), time.time())
 
-    with meter.phase("prepare"), distributed.main_first():
-        pool = load_train(task, data_dir)
-        sample = few_shot_sample(pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
-        evals = load_eval_sets(task, cfg, data_dir)
-    fit_cfg, selection = cfg, None
-    if cfg.select is not None:
-        with meter.phase("select"):  # on the few-shot sample only: the eval sets are not touched
-            build = lambda c: _make_method(c, task, pattern, dev, meter, pool, data_dir)  # noqa: E731
-            chosen, selection = select_values(cfg, sample.examples, lambda c, tr, ho: _fold_score(build, cfg.select.metric, c, tr, ho))
-        fit_cfg = with_values(cfg, chosen)
-    with meter.phase("prepare"), distributed.main_first():
-        method = _make_method(fit_cfg, task, pattern, dev, meter, pool, data_dir, progress)
-    ctx, lm, verbalizer, precision, run_cfg = method.ctx, method.ctx.lm, method.ctx.verbalizer, method.ctx.precision, method.ctx.cfg
-    if main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
-        ctx.evaluate = lambda: _curve_point(method, evals, task)
 
-    torch.manual_seed(cfg.model_seed)
+def _sample(run: _Run) -> None:
+    """The train pool, the few-shot sample and the eval sets."""
+    cfg, task = run.cfg, run.task
+    with run.meter.phase("prepare"), distributed.main_first():
+        run.pool = load_train(task, run.data_dir)
+        run.sample = few_shot_sample(run.pool, cfg.n, cfg.seed, task.num_labels, per_class=not cfg.n_is_total)
+        run.evals = load_eval_sets(task, cfg, run.data_dir)
+
+
+def _select(run: _Run) -> RunConfig:
+    """The config the final model trains with: ``cfg``, or its ``select:`` choice by k-fold CV on
+    the few-shot sample only (the eval sets are not touched)."""
+    cfg = run.cfg
+    if cfg.select is None:
+        return cfg
+    metric = cfg.select.metric
+    with run.meter.phase("select"):
+        build = lambda c: _make_method(c, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir)  # noqa: E731
+        chosen, run.selection = select_values(cfg, run.sample.examples, lambda c, tr, ho: _fold_score(build, metric, c, tr, ho))
+    return with_values(cfg, chosen)
+
+
+def _build(run: _Run, fit_cfg: RunConfig) -> Method:
+    """The run's method on a fresh model; process 0 also evaluates learning-curve points."""
+    with run.meter.phase("prepare"), distributed.main_first():
+        method = _make_method(fit_cfg, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir, run.progress)
+    if run.main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
+        method.ctx.evaluate = lambda: _curve_point(method, run.evals, run.task)
+    return method
+
+
+def _train(run: _Run, method: Method) -> dict | None:
+    """``fit`` on the few-shot sample. A divergence is part of the result: the run leaves a record
+    saying so (status "diverged", no eval metrics), then fails like any other error."""
+    torch.manual_seed(run.cfg.model_seed)
     try:
-        with meter.phase("train"):
-            train_summary = method.fit(sample.examples)
+        with run.meter.phase("train"):
+            return method.fit(run.sample.examples)
     except TrainingDiverged as e:
-        # The reason is part of the result: a diverged run leaves a record saying so (status
-        # "diverged", no eval metrics), then fails like any other error.
-        if out_dir is not None and main:
-            failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
-                      "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
-                      "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
-            write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
+        if run.out_dir is not None and run.main:
+            _record_divergence(run, method, e)
         raise
-    if not main:  # trained its share; process 0 evaluates and writes
-        return RunResult(cfg, {}, None, main_process=False)
-    if train_summary and train_summary.get("train_tokens"):
-        meter.add_tokens("train", int(train_summary["train_tokens"]))
-    with meter.phase("eval"):
-        preds = predict_eval_sets(method, evals, progress)
-    meter.add_tokens("eval", sum(p.tokens for p in preds.values()))
 
+
+def _record_divergence(run: _Run, method: Method, error: TrainingDiverged) -> None:
+    cfg, lm = run.cfg, method.ctx.lm
+    failed = {"run_id": run.run_id, "status": "diverged", "error": error.message, "task": run.task.name,
+              "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
+              "resources": run.meter.report(method.model, method.ctx.precision, method.optimizer_steps, trains=method.trains)}
+    write_run(Path(run.out_dir), cfg, run.sample.manifest(), failed, [], {}, run.task, lm.tokenizer)  # type: ignore[arg-type]
+
+
+def _evaluate(run: _Run, method: Method, train_summary: dict | None) -> dict[str, Predictions]:
+    """Predictions on every eval set; the tokens trained and scored go to the resource meter."""
+    if train_summary and train_summary.get("train_tokens"):
+        run.meter.add_tokens("train", int(train_summary["train_tokens"]))
+    with run.meter.phase("eval"):
+        preds = predict_eval_sets(method, run.evals, run.progress)
+    run.meter.add_tokens("eval", sum(p.tokens for p in preds.values()))
+    return preds
+
+
+def _assemble_metrics(run: _Run, method: Method, train_summary: dict | None, preds: dict[str, Predictions]) -> dict:
+    """``metrics.json``: what ran, on what, what it cost, and the per-eval-set metrics."""
+    cfg, ctx, summary = run.cfg, method.ctx, train_summary or {}
+    lm, verbalizer = ctx.lm, ctx.verbalizer
     metrics = {
-        "run_id": run_id,
-        "status": "ok",
-        "task": task.name,
-        "method": cfg.method,
-        "model": cfg.model,
-        "model_name": lm.name,
-        "model_load": lm.load_info(),
-        "n": cfg.n,
-        "seed": cfg.seed,
-        "pattern": pattern.name,
-        "max_context_effective": run_cfg.max_context,
+        "run_id": run.run_id, "status": "ok", "task": run.task.name, "method": cfg.method, "model": cfg.model,
+        "model_name": lm.name, "model_load": lm.load_info(), "n": cfg.n, "seed": cfg.seed, "pattern": run.pattern.name,
+        "max_context_effective": ctx.cfg.max_context,
         "identity": cfg.identity.model_dump(mode="json") if cfg.identity else None,
         "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
         "eval": {},
-        "curve": (train_summary or {}).get("curve", []),
+        "curve": summary.get("curve", []),
         "train": _train_block(train_summary),
-        "resources": {**meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
+        "resources": {**run.meter.report(method.model, ctx.precision, method.optimizer_steps, trains=method.trains),
                       "processes": distributed.world_size()},
         "method_info": getattr(method, "describe", lambda: {})(),
-        "notes": list(task.notes),
+        "notes": list(run.task.notes),
         "warnings": list(method.warnings()),
-        "collapsed": loss_collapse((train_summary or {}).get("final_loss"), (train_summary or {}).get("chance_loss")),
-        "selection": selection,
-        "started_at": started,
-        "wall_seconds": round(time.time() - started, 3),
+        "collapsed": loss_collapse(summary.get("final_loss"), summary.get("chance_loss")),
+        "selection": run.selection,
+        "started_at": run.started,
+        "wall_seconds": round(time.time() - run.started, 3),
     }
     if metrics["collapsed"]:
         metrics["warnings"].append(metrics["collapsed"])
-    for ev in evals:
-        p = preds[ev.name]
-        m = eval_set_metrics(
-            np.array([e.label for e in ev.examples]), p.pred, p.skipped, task.label_names,
-            groups={f: [e.groups.get(f, "") for e in ev.examples] for f in ev.group_fields},
-            outside_verbalizer=p.outside_verbalizer, tie=p.tie,
-        )
-        m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
-        if p.calibration:  # the bias it estimated; batch calibration is transductive (said here)
-            m["calibration"] = p.calibration
-        metrics["eval"][ev.name] = m
-        metrics["warnings"].extend(f"{ev.name}: {w}" for w in m.pop("warnings"))
-        if ev.warning:
-            metrics["warnings"].append(f"{ev.name}: {ev.warning}")
-        if m["n_skipped"]:
-            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {run_cfg.max_context} tokens)")
+    if run.selection and run.selection.get("decided") is False:
+        metrics["warnings"].append(f"select: cross-validation could not tell {run.selection['chosen']} from another candidate "
+                                   f"({run.selection['held_out_per_fold']} held-out examples per fold; decided: false)")
+    for ev in run.evals:
+        metrics["eval"][ev.name] = _eval_set_metrics(ev, preds[ev.name], run.task, ctx.cfg.max_context, metrics["warnings"])
+    return metrics
 
-    if out_dir is not None:
-        write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
-    if cfg.log_to and (cfg.log_dir or out_dir is not None):
-        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
-    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+def _eval_set_metrics(ev: EvalData, p: Predictions, task: Task, max_context: int, warnings: list[str]) -> dict:
+    """One eval set's metrics; its warnings are appended to the run's ``warnings``."""
+    m = eval_set_metrics(
+        np.array([e.label for e in ev.examples]), p.pred, p.skipped, task.label_names,
+        groups={f: [e.groups.get(f, "") for e in ev.examples] for f in ev.group_fields},
+        outside_verbalizer=p.outside_verbalizer, tie=p.tie,
+    )
+    m.update(domain=ev.domain, warning=ev.warning, full_size=ev.full_size, subsampled=len(ev.examples) < ev.full_size)
+    if p.calibration:  # the bias it estimated; batch calibration is transductive (said here)
+        m["calibration"] = p.calibration
+    warnings.extend(f"{ev.name}: {w}" for w in m.pop("warnings"))
+    if ev.warning:
+        warnings.append(f"{ev.name}: {ev.warning}")
+    if m["n_skipped"]:
+        warnings.append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {max_context} tokens)")
+    return m
+
+
+def _log(run: _Run, metrics: dict) -> None:
+    """To the trackers of ``log_to`` (none: nothing)."""
+    cfg = run.cfg
+    if cfg.log_to and (cfg.log_dir or run.out_dir is not None):
+        log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(run.out_dir) / "trackers"  # type: ignore[arg-type]
+        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), log_dir)
 
 
 def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
@@ -225,9 +301,13 @@ def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: 
 def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
                 held_out: list[Example]) -> float:
     """One cross-validation trial: a fresh model trained on ``train_part``, scored on ``held_out``
-    with the selection metric (no learning curve: it would read the eval sets)."""
+    with the selection metric (no learning curve: it would read the eval sets). The held-out
+    examples are taken out of the train pool too (distillation from the pool must not train on
+    the inputs it is scored on)."""
     trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every_epoch": False})})
     method = build(trial)
+    held = {e.id for e in held_out}
+    method.ctx.train_pool = [e for e in method.ctx.train_pool if e.id not in held]
     torch.manual_seed(cfg.model_seed)
     method.fit(train_part)
     p = method.predict(held_out).keyed([e.id for e in held_out])

@@ -8,6 +8,18 @@ trains each candidate on k−1 folds and scores it on the held-out one, picks th
 (the first listed wins a tie, so list the default first), then trains on the whole sample with
 the chosen values and is evaluated as usual (Perez et al. 2021, "True few-shot learning").
 
+Honesty about what CV can tell apart: small folds give coarse scores (a 2-example fold scores
+0, .5 or 1), so candidates often tie. Each candidate's fold standard deviation is recorded, and
+``decided`` says whether the chosen candidate beat every other one by more than the standard
+error of their paired fold differences (same folds, so the fold difficulty cancels); ``false``
+means the choice is not distinguishable from another candidate at this sample size (often the
+first listed, i.e. the default). ``fewtune study --dry-run`` warns where the held-out folds are
+smaller than ``MIN_FOLD_EXAMPLES``.
+
+Same training per example: with ``train.max_steps`` a trial's steps are scaled by the share of
+the training set it sees ((k−1)/k of the sample), so each candidate is judged at the number of
+optimizer steps per example the final fit takes (``epochs`` already does that).
+
 Cost: candidates × folds extra trainings on (k−1)/k of the sample, before the final one. Every
 score, the choice and the time are recorded in ``metrics.json`` under ``selection``.
 """
@@ -31,6 +43,7 @@ from fewtune.overrides import set_path
 from fewtune.tasks.base import Example
 
 TUNABLE = ("train", "params")
+MIN_FOLD_EXAMPLES = 8  # held-out examples per fold below which fold scores are too coarse to choose
 FoldScorer = Callable[[RunConfig, list[Example], list[Example]], float]
 """``scorer(config, train_part, held_out)`` → the selection metric on ``held_out``."""
 
@@ -71,10 +84,14 @@ def check_selection(cfg: RunConfig) -> None:
     sel = cfg.select
     if sel is None:
         return
+    trains = METHODS.get(cfg.method).trains
     for key, values in sel.candidates.items():
         if key.split(".")[0] not in TUNABLE or "." not in key:
             raise ConfigError(f"select: '{key}' cannot be selected",
                               "select train./params. keys only (e.g. train.lr, params.r); task, model, n and seed define the run")
+        if key.startswith("train.") and not trains:
+            raise ConfigError(f"select: '{key}' is a training option, and method '{cfg.method}' trains nothing",
+                              "select this method's params. keys only (e.g. params.k), or drop select: for it")
         if not values:
             raise ConfigError(f"select: '{key}' has no candidate values", "give at least two values to choose from")
     for values in candidate_grid(cfg):
@@ -95,6 +112,30 @@ def folds(sample: Sequence[Example], k: int, seed: int) -> list[tuple[list[Examp
     return [([sample[i] for i in tr], [sample[i] for i in ho]) for tr, ho in split]
 
 
+def fold_trial(trial: RunConfig, train_size: int, sample_size: int) -> RunConfig:
+    """The trial config of one fold: ``train.max_steps`` scaled to the share of the training set
+    the fold trains on, for methods whose training set is the sample (optimizer steps per example
+    as in the final fit). ``epochs`` scale by themselves; a method training on a pool does not."""
+    steps = trial.train.max_steps
+    if steps is None or not METHODS.get(trial.method).trains_on_sample(trial.params) or train_size >= sample_size:
+        return trial
+    scaled = max(1, round(steps * train_size / sample_size))
+    return trial.model_copy(update={"train": trial.train.model_copy(update={"max_steps": scaled})})
+
+
+def fold_size_warning(cfg: RunConfig, sample: Sequence[Example]) -> str | None:
+    """A warning where the held-out folds are too small for CV to tell candidates apart."""
+    if cfg.select is None:
+        return None
+    labels = np.array([e.label for e in sample])
+    k = max(2, min(cfg.select.folds, int(np.bincount(labels).min(initial=len(sample)))))
+    held = len(sample) // k
+    if held >= MIN_FOLD_EXAMPLES:
+        return None
+    return (f"select: {k} folds of {held} held-out examples: fold scores move in steps of {1 / max(held, 1):.2g}, "
+            "candidates will mostly tie and the first listed wins (recorded as decided: false)")
+
+
 def select_values(cfg: RunConfig, sample: Sequence[Example], scorer: FoldScorer) -> tuple[dict[str, Any], dict]:
     """Cross-validate every candidate; return the chosen values and the record for metrics.json."""
     assert cfg.select is not None
@@ -104,19 +145,49 @@ def select_values(cfg: RunConfig, sample: Sequence[Example], scorer: FoldScorer)
     for values in candidate_grid(cfg):
         trial = with_values(cfg, values)
         values = resolved_values(trial, values)  # as the trial uses them ("1e-5" from YAML → 1e-05)
-        scores, diverged = [], 0
+        scores: list[float | None] = []
         for train_part, held_out in splits:
             try:
-                scores.append(float(scorer(trial, train_part, held_out)))
+                scores.append(float(scorer(fold_trial(trial, len(train_part), len(sample)), train_part, held_out)))
             except TrainingDiverged:
-                diverged += 1  # a candidate that diverges on a fold scores nothing there
-        mean = statistics.fmean(scores) if scores and not diverged else -math.inf
-        trials.append({"values": values, "cv_score": None if math.isinf(mean) else round(mean, 6),
-                       "fold_scores": [round(s, 6) for s in scores], "diverged_folds": diverged, "_mean": mean})
+                scores.append(None)  # a candidate that diverges on a fold scores nothing there
+        trials.append(_trial_record(values, scores))
     best = max(trials, key=lambda t: t["_mean"])  # max keeps the first of equal means
     if math.isinf(best["_mean"]):
         raise TrainingDiverged("every candidate of 'select' diverged on at least one fold", None)
+    decided, margin, margin_se = _decided(best, trials)
     record = {"rule": "kfold", "k": len(splits), "metric": cfg.select.metric, "seed": cfg.seed,
-              "candidates": [{k: v for k, v in t.items() if k != "_mean"} for t in trials],
-              "chosen": best["values"], "seconds": round(time.perf_counter() - t0, 3)}
+              "held_out_per_fold": min(len(h) for _, h in splits),
+              "candidates": [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials],
+              "chosen": best["values"], "decided": decided, "margin": margin, "margin_se": margin_se,
+              "seconds": round(time.perf_counter() - t0, 3)}
     return best["values"], record
+
+
+def _trial_record(values: dict[str, Any], scores: list[float | None]) -> dict:
+    done = [s for s in scores if s is not None]
+    diverged = len(scores) - len(done)
+    mean = statistics.fmean(done) if done and not diverged else -math.inf
+    sd = statistics.stdev(done) if len(done) > 1 else None
+    return {"values": values, "cv_score": None if math.isinf(mean) else round(mean, 6),
+            "fold_scores": [round(s, 6) for s in done], "fold_sd": None if sd is None else round(sd, 6),
+            "diverged_folds": diverged, "_mean": mean, "_scores": scores}
+
+
+def _decided(best: dict, trials: list[dict]) -> tuple[bool, float | None, float | None]:
+    """Whether ``best`` beats every other candidate by more than the standard error of the paired
+    fold differences; the closest competitor's margin and its standard error."""
+    closest: tuple[float, float] | None = None
+    decided = True
+    for t in trials:
+        if t is best or math.isinf(t["_mean"]):
+            continue  # a diverged candidate is out of the running
+        diffs = [a - b for a, b in zip(best["_scores"], t["_scores"])]
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+        decided &= mean > 0 and mean > se
+        if closest is None or mean - se < closest[0] - closest[1]:
+            closest = (mean, se)
+    if closest is None:
+        return True, None, None
+    return decided, round(closest[0], 6), (None if math.isinf(closest[1]) else round(closest[1], 6))

@@ -49,6 +49,15 @@ class LengthGroupedBatches(Sampler[list[int]]):
         yield from out
 
 
+def accumulation_scale(i: int, n_batches: int, grad_accum: int) -> float:
+    """The factor that makes micro-batch ``i`` of an epoch's ``n_batches`` count fully in its
+    accumulation window: accelerate divides every micro-batch loss by ``grad_accum``, so the
+    epoch's last window of ``m < grad_accum`` micro-batches would step with ``m / grad_accum`` of
+    its mean gradient; its losses are scaled by ``grad_accum / m`` instead (1 in full windows)."""
+    start = (i // grad_accum) * grad_accum
+    return grad_accum / min(grad_accum, n_batches - start)
+
+
 def shard_batch(batch: Sequence[int], rank: int, world: int) -> list[tuple[int, float]]:
     """This process's contiguous share of a global batch, as ``(index, weight)`` keys.
 

@@ -28,7 +28,9 @@ What the loop does, and why:
   never touches these, so the two seeds stay separate and training is deterministic on CPU.
 - **Length:** ``epochs`` (may be fractional) or ``max_steps`` optimizer steps, whichever is given
   (``max_steps`` wins). Steps per epoch = ``ceil(batches / grad_accum)``: the last, possibly
-  incomplete accumulation of an epoch still steps (accelerate syncs at the end of the loader).
+  incomplete accumulation of an epoch still steps (accelerate syncs at the end of the loader),
+  with the full mean gradient of its micro-batches (``batches.accumulation_scale``; accelerate
+  alone would scale it by the fraction of the window that was filled).
 - **Stability:** gradients are clipped to ``max_grad_norm``. A NaN/inf loss or gradient norm stops
   training with ``TrainingDiverged`` naming the optimizer step and epoch, so the run's result
   records why it failed instead of evaluating a broken model.
@@ -59,6 +61,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,6 +74,7 @@ from fewtune.training.batches import (
     ShardedBatches,
     _collate,
     _Keys,
+    accumulation_scale,
     shard_batch,
 )
 
@@ -90,6 +94,7 @@ class Batch:
     idx: torch.Tensor
     weight: float = 1.0  # this process's share of the global batch × processes (1.0 on one process)
     tokens: int = 0  # real tokens of the examples this process trains on (counted on the host)
+    accum_scale: float = 1.0  # grad_accum / micro-batches of a short last accumulation window (``accumulation_scale``)
 
 
 @dataclass
@@ -291,6 +296,60 @@ def train(
         raise ValueError("train() needs at least one training sequence")
     reset_accelerate_state()
     torch.manual_seed(model_seed)
+    run = _prepare(net, seqs, param_groups, cfg, pad_id=pad_id, precision=precision, model_seed=model_seed, device=device)
+    acc, res = run.accelerator, run.res
+    shown = _Shown(progress, progress.add_task(description, total=run.total_steps) if progress is not None else None, description)
+    log = _LossLog(acc, check_norm=precision != "fp16")
+    step_fn = _optimizer_step(acc, run.model, run.optimizer, run.scheduler, loss_fn, run.trainable, cfg)
+    try:
+        epoch = 0
+        while res.steps < run.total_steps:
+            _epoch(run, step_fn, log, shown, epoch, cfg.grad_accum)
+            epoch += 1
+            _end_epoch(run, log, shown, on_epoch_end)
+        if acc.num_processes > 1:  # every process counted its own share of the tokens
+            res.train_tokens = int(acc.reduce(torch.tensor(res.train_tokens, device=acc.device), "sum"))
+    finally:
+        if shown.task_id is not None:
+            progress.remove_task(shown.task_id)
+        acc.unwrap_model(run.model, keep_fp32_wrapper=False)
+        acc.free_memory()
+        reset_accelerate_state()
+    net.eval()
+    return res
+
+
+@dataclass
+class _Prepared:
+    """One run's accelerate-prepared pieces and its result so far (``train``)."""
+
+    accelerator: Any  # accelerate.Accelerator
+    loader: Any
+    n_batches: int  # micro-batches per epoch (this process's, equal on every process)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable: list
+    total_steps: int
+    steps_per_epoch: int
+    res: TrainResult
+
+
+@dataclass
+class _Shown:
+    """The progress bar of a run (``task_id`` None: no progress display)."""
+
+    progress: Any  # rich.progress.Progress or None
+    task_id: Any
+    description: str
+
+    def update(self, res: TrainResult) -> None:
+        _show(self.progress, self.task_id, self.description, res)
+
+
+def _prepare(net: nn.Module, seqs: Sequence[Sequence[int]], param_groups: Sequence[dict], cfg: TrainConfig, *,
+             pad_id: int, precision: str, model_seed: int, device: torch.device) -> _Prepared:
+    """Accelerator, loader, optimizer and schedule; the number of optimizer steps to take."""
     accelerator = make_accelerator(precision, cfg, device)
     loader, n_batches = _make_loader(accelerator, seqs, cfg, pad_id, model_seed)
     groups = _optimizer_groups(param_groups, cfg.weight_decay)
@@ -303,42 +362,38 @@ def train(
     model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
     res = TrainResult(total_steps=total_steps, warmup_steps=warmup, examples=len(seqs),
                       effective_batch_size=cfg.batch_size * cfg.grad_accum)
-    task_id = progress.add_task(description, total=total_steps) if progress is not None else None
-    log = _LossLog(accelerator, check_norm=precision != "fp16")
-    step_fn = _optimizer_step(accelerator, model, optimizer, scheduler, loss_fn, [p for g in groups for p in g["params"]], cfg)
-    try:
-        epoch = 0
-        while res.steps < total_steps:
-            model.train()
-            for raw in loader:
-                batch = Batch(raw["ids"], raw["mask"], raw["last"], raw["idx"], raw["weight"], raw["tokens"])
-                norm = step_fn(batch, log)
-                res.train_tokens += batch.tokens
-                if accelerator.sync_gradients:
-                    res.steps += 1
-                    log.end_step(norm, res.steps, epoch + 1)
-                    if res.steps % SYNC_EVERY == 0:
-                        log.sync(res, epoch_end=False)
-                    _show(progress, task_id, description, res)
-                    if res.steps >= total_steps:
-                        break
-            epoch += 1
-            log.sync(res, epoch_end=True)
-            _show(progress, task_id, description, res)
-            res.epochs_run = res.steps / steps_per_epoch  # fractional when max_steps ends mid-epoch
-            point = on_epoch_end(res.epochs_run) if on_epoch_end is not None else None
-            if point is not None:
-                res.curve.append({"epoch": round(res.epochs_run, 4), "train_loss": res.epoch_losses[-1], "eval": point})
-        if accelerator.num_processes > 1:  # every process counted its own share of the tokens
-            res.train_tokens = int(accelerator.reduce(torch.tensor(res.train_tokens, device=accelerator.device), "sum"))
-    finally:
-        if task_id is not None:
-            progress.remove_task(task_id)
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        accelerator.free_memory()
-        reset_accelerate_state()
-    net.eval()
-    return res
+    return _Prepared(accelerator, loader, n_batches, model, optimizer, scheduler, [p for g in groups for p in g["params"]],
+                     total_steps, steps_per_epoch, res)
+
+
+def _epoch(run: _Prepared, step_fn, log: _LossLog, shown: _Shown, epoch: int, grad_accum: int) -> None:
+    """One pass over the loader, or its part until the last optimizer step."""
+    res = run.res
+    run.model.train()
+    for i, raw in enumerate(run.loader):
+        batch = Batch(raw["ids"], raw["mask"], raw["last"], raw["idx"], raw["weight"], raw["tokens"],
+                      accum_scale=accumulation_scale(i, run.n_batches, grad_accum))
+        norm = step_fn(batch, log)
+        res.train_tokens += batch.tokens
+        if run.accelerator.sync_gradients:
+            res.steps += 1
+            log.end_step(norm, res.steps, epoch + 1)
+            if res.steps % SYNC_EVERY == 0:
+                log.sync(res, epoch_end=False)
+            shown.update(res)
+            if res.steps >= run.total_steps:
+                break
+
+
+def _end_epoch(run: _Prepared, log: _LossLog, shown: _Shown, on_epoch_end: Callable[[float], dict | None] | None) -> None:
+    """Losses to the host, the epochs run so far, and a learning-curve point if asked for."""
+    res = run.res
+    log.sync(res, epoch_end=True)
+    shown.update(res)
+    res.epochs_run = res.steps / run.steps_per_epoch  # fractional when max_steps ends mid-epoch
+    point = on_epoch_end(res.epochs_run) if on_epoch_end is not None else None
+    if point is not None:
+        res.curve.append({"epoch": round(res.epochs_run, 4), "train_loss": res.epoch_losses[-1], "eval": point})
 
 
 def _optimizer_step(accelerator, model, optimizer, scheduler, loss_fn, trainable: list, cfg: TrainConfig):
@@ -352,7 +407,7 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, loss_fn, trainable
             if batch.weight != 1.0:
                 loss = loss * batch.weight
             log.micro(loss)
-            accelerator.backward(loss)
+            accelerator.backward(loss * batch.accum_scale if batch.accum_scale != 1.0 else loss)
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
