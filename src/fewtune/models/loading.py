@@ -286,7 +286,7 @@ def check_load_options(method: str, frozen_base: bool, attn_implementation: str,
     if device_map is not None and not frozen_base:
         raise ConfigError(
             f"device_map={device_map!r} is only allowed for methods that keep the base weights frozen "
-            f"(zero-shot, icl, lora); method '{method}' updates them",
+            f"(zero-shot, icl and the adapter methods: lora, dora, ia3, prompt-tuning, prefix-tuning); method '{method}' updates them",
             "leave device_map unset (the model is placed on the one device), or use method lora")
     if attn_implementation == "flash_attention_2":
         if device().type != "cuda" or importlib.util.find_spec("flash_attn") is None:
