@@ -341,11 +341,8 @@ def test_tiny_study_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     methods = _available(["icl", "vanilla", "lora"])
     study = parse_study({**_tiny_study(methods), "methods": [m if m != "lora" else {"method": "lora", "params": {"r": 2}} for m in methods],
                          "claims": ["srinivasan2024"]}, "tiny")
-    t0 = time.time()
     out = run_study(study, tmp_path, data_dir=data_dir, show_progress=False)
-    elapsed = time.time() - t0
     assert out.counts["done"] == len(methods) * 2 * 2, out.failures
-    assert elapsed < 90
     with Store(tmp_path) as s:
         for r in s.runs():
             assert {"config.yaml", "metrics.json", "predictions.jsonl", "sample.json"} <= {p.name for p in (tmp_path / r.run_dir).iterdir()}
