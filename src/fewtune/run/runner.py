@@ -31,7 +31,7 @@ from fewtune.atomic import (
 from fewtune.config import RunConfig
 from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
 from fewtune.methods import METHODS, Method, Predictions, RunContext
-from fewtune.models.loading import load_model, resolve_precision
+from fewtune.models.loading import LoadedModel, load_model, resolve_precision
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.selection import select_values, with_values
@@ -127,7 +127,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         fit_cfg = with_values(cfg, chosen)
     with meter.phase("prepare"), distributed.main_first():
         method = _make_method(fit_cfg, task, pattern, dev, meter, pool, data_dir, progress)
-    ctx, lm, verbalizer, precision, run_cfg = method.ctx, method.ctx.lm, method.ctx.verbalizer, method.ctx.precision, method.ctx.cfg
+    ctx = method.ctx
     if main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
         ctx.evaluate = lambda: _curve_point(method, evals, task)
 
@@ -136,16 +136,35 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         with meter.phase("train"):
             train_summary = method.fit(sample.examples)
     except TrainingDiverged as e:
-        # The reason is part of the result: a diverged run leaves a record saying so (status
-        # "diverged", no eval metrics), then fails like any other error.
         if out_dir is not None and main:
-            failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": task.name,
-                      "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
-                      "resources": meter.report(method.model, precision, method.optimizer_steps, trains=method.trains)}
-            write_run(Path(out_dir), cfg, sample.manifest(), failed, [], {}, task, lm.tokenizer)
+            write_diverged(Path(out_dir), cfg, run_id, e, method, sample, meter)
         raise
     if not main:  # trained its share; process 0 evaluates and writes
         return RunResult(cfg, {}, None, main_process=False)
+    metrics = finish_run(cfg, run_id, out_dir, method=method, meter=meter, sample=sample, evals=evals,
+                         train_summary=train_summary, selection=selection, started=started, progress=progress)
+    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def write_diverged(out_dir: Path, cfg: RunConfig, run_id: str, e: TrainingDiverged, method: Method, sample,
+                   meter: ResourceMeter, extra_resources: dict | None = None) -> None:
+    """The reason is part of the result: a diverged run leaves a record saying so (status
+    "diverged", no eval metrics), then fails like any other error."""
+    ctx = method.ctx
+    failed = {"run_id": run_id, "status": "diverged", "error": e.message, "task": ctx.task.name,
+              "method": cfg.method, "model": cfg.model, "model_name": ctx.lm.name, "n": cfg.n, "seed": cfg.seed,
+              "resources": {**meter.report(method.model, ctx.precision, method.optimizer_steps, trains=method.trains),
+                            **(extra_resources or {})}}
+    write_run(out_dir, cfg, sample.manifest(), failed, [], {}, ctx.task, ctx.lm.tokenizer)
+
+
+def finish_run(cfg: RunConfig, run_id: str, out_dir: Path | None, *, method: Method, meter: ResourceMeter, sample,
+               evals: list[EvalData], train_summary: dict | None, selection: dict | None, started: float,
+               progress=None, extra_resources: dict | None = None) -> dict:
+    """A trained run's second half: evaluate, assemble ``metrics.json``, write the run directory and
+    log to trackers. Shared by ``run_experiment`` and the members of a pack (``run.pack``)."""
+    ctx = method.ctx
+    task, pattern, lm, verbalizer, precision, run_cfg = ctx.task, ctx.pattern, ctx.lm, ctx.verbalizer, ctx.precision, ctx.cfg
     if train_summary and train_summary.get("train_tokens"):
         meter.add_tokens("train", int(train_summary["train_tokens"]))
     with meter.phase("eval"):
@@ -170,7 +189,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "curve": (train_summary or {}).get("curve", []),
         "train": _train_block(train_summary),
         "resources": {**meter.report(method.model, precision, method.optimizer_steps, trains=method.trains),
-                      "processes": distributed.world_size()},
+                      "processes": distributed.world_size(), **(extra_resources or {})},
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(task.notes),
         "warnings": list(method.warnings()),
@@ -181,6 +200,17 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     }
     if metrics["collapsed"]:
         metrics["warnings"].append(metrics["collapsed"])
+    _add_eval_metrics(metrics, evals, preds, task, run_cfg.max_context)
+
+    if out_dir is not None:
+        write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
+    if cfg.log_to and (cfg.log_dir or out_dir is not None):
+        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
+    return metrics
+
+
+def _add_eval_metrics(metrics: dict, evals: list[EvalData], preds: dict[str, Predictions], task: Task, max_context: int) -> None:
+    """Each eval set's metrics (and its warnings) into ``metrics``."""
     for ev in evals:
         p = preds[ev.name]
         m = eval_set_metrics(
@@ -196,21 +226,15 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         if ev.warning:
             metrics["warnings"].append(f"{ev.name}: {ev.warning}")
         if m["n_skipped"]:
-            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {run_cfg.max_context} tokens)")
-
-    if out_dir is not None:
-        write_run(Path(out_dir), cfg, sample.manifest(), metrics, evals, preds, task, lm.tokenizer)
-    if cfg.log_to and (cfg.log_dir or out_dir is not None):
-        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), Path(cfg.log_dir) if cfg.log_dir else Path(out_dir) / "trackers")
-    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+            metrics["warnings"].append(f"{ev.name}: {m['n_skipped']} examples skipped (prompt longer than {max_context} tokens)")
 
 
 def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
-                 data_dir: Path | None, progress=None) -> Method:
-    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``."""
+                 data_dir: Path | None, progress=None, lm: LoadedModel | None = None) -> Method:
+    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``;
+    ``lm``: a base already loaded for this config (the members of a pack share one)."""
     torch.manual_seed(cfg.model_seed)
-    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
-                    attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
+    lm = lm or load_base(cfg, dev)
     dev = lm.input_device if cfg.device_map else dev  # a model placed by device_map takes its inputs there
     verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
     precision = resolve_precision(cfg.precision, dev)
@@ -220,6 +244,13 @@ def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: 
                      train_pool=pool, data_dir=data_dir, progress=progress)
     method_cls = METHODS.get(cfg.method)
     return method_cls(ctx, method_cls.Params.model_validate(cfg.params))
+
+
+def load_base(cfg: RunConfig, dev: torch.device) -> LoadedModel:
+    """The run's model, as its config asks (seeded by ``model_seed``: tiny random models)."""
+    torch.manual_seed(cfg.model_seed)
+    return load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
+                      attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
 
 
 def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
