@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         ray_address: Optional[str] = typer.Option(
             None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
                                         "default: start a local one"),
+        pack: Optional[int] = typer.Option(
+            None, "--pack", help="train up to K LoRA runs of one model and task together on one loaded base "
+                                 "(same results as alone; see docs/packing.md); default: the study's pack:, else off"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
@@ -110,7 +113,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                                console=console, planned=planned, executor=runs_in, parallel=parallel)
+                                console=console, planned=planned, executor=runs_in, parallel=parallel, pack=pack)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         print_summary(outcome, console)

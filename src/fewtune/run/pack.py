@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,9 @@ from typing import Any
 import torch
 
 from fewtune.config import RunConfig
-from fewtune.errors import TrainingDiverged
-from fewtune.methods import METHODS
+from fewtune.errors import FewtuneError, TrainingDiverged
 from fewtune.models.adapter import backbone_and_head
-from fewtune.models.tiny import is_tiny
+from fewtune.run.packable import PackResult, PackSpec
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.runner import (
@@ -50,25 +50,6 @@ from fewtune.training.packed import (
     train_pack,
     use_packed_attention,
 )
-
-PACKABLE = ("lora",)  # methods whose members share a frozen base and differ only in their adapters
-
-
-def pack_key(cfg: RunConfig) -> tuple | None:
-    """What runs must share to be packed together, or None where this run cannot be packed (it
-    then runs as today). Packable: ``lora`` (incl. rsLoRA; not DoRA), one process, no
-    ``select:``, no learning curve, no gradient accumulation or checkpointing, no fp16, no saved
-    adapter, no tracker, a head without dropout."""
-    if cfg.method not in PACKABLE or cfg.select is not None or cfg.device_map or cfg.log_to:
-        return None
-    t = cfg.train
-    if t.grad_accum != 1 or t.gradient_checkpointing or t.eval_every_epoch or cfg.precision == "fp16":
-        return None
-    p = METHODS.get(cfg.method).Params.model_validate(cfg.params)
-    if p.save_dir or (p.objective == "classifier" and p.head != "linear" and p.head_dropout > 0):
-        return None
-    dtype = cfg.identity.model_dtype if cfg.identity else "fp32"
-    return (cfg.model, cfg.model_seed if is_tiny(cfg.model) else None, dtype, cfg.attn_implementation, cfg.task, cfg.precision)
 
 
 @dataclass
@@ -209,3 +190,22 @@ def _outcome(fn: Callable[[], Any]) -> Any:
         return fn()
     except Exception as e:  # noqa: BLE001
         return e
+
+
+def run_unit(config: RunConfig | PackSpec, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> Any:
+    """The executors' default runner: one run (``run_experiment``) or one pack (``run_pack``)."""
+    if not isinstance(config, PackSpec):
+        return run_experiment(config, out_dir, data_dir=data_dir, progress=progress)
+    results = run_pack(list(config.configs), list(config.out_dirs), data_dir=data_dir, progress=progress)
+    members = {}
+    for out, r in zip(config.out_dirs, results):
+        members[Path(out).name] = ({"error": _error_text(r), "error_type": type(r).__name__} if isinstance(r, BaseException)
+                                   else {"metrics": r})
+    return PackResult({"pack_members": members})
+
+
+def _error_text(e: BaseException) -> str:
+    """As ``study.executor.format_error``: the message, and the traceback for a bug."""
+    if isinstance(e, FewtuneError):
+        return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))
