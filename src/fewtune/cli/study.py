@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         from fewtune.run.identity import guard_stale
         from fewtune.study import expand, load_study, make_executor, run_study
         from fewtune.study.executor import check_parallel
+        from fewtune.study.pack import check_pack
 
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
@@ -98,6 +99,7 @@ def register(app: typer.Typer) -> None:
             options["resources"] = study.resources
         runs_in = make_executor(executor, **options)
         check_parallel(runs_in, parallel)
+        check_pack(pack if pack is not None else study.pack, runs_in.name)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
