@@ -21,13 +21,14 @@ from fewtune.study.executors import InProcessExecutor
 from fewtune.study.pack import group
 from fewtune.study.store import Store
 
-# 4 LoRA seeds (data seeds; one rank-4 rsLoRA entry with more steps, so members leave the pack at
-# different steps) and a vanilla run, which cannot be packed and runs as usual.
+# 4 LoRA seeds (data seeds), a rank-4 rsLoRA run with more steps (alone in its group with --pack 4;
+# with seed 3 at --pack 3, so members leave a pack at different steps) and a vanilla run, which
+# cannot be packed and runs as usual.
 STUDY = {"name": "packed", "model": "tiny-random", "task": "cola", "n": 2, "seed": [0, 1, 2, 3], "eval_limit": 16,
          "eval_batch_size": 8, "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-2},
          "methods": [{"method": "lora", "params": {"r": 2}},
                      {"method": "lora", "seed": [0], "params": {"r": 4, "rslora": True}, "train": {"max_steps": 5}},
-                     "vanilla"]}
+                     {"method": "vanilla", "seed": [0]}]}
 
 
 def _results(out: Path) -> dict[str, tuple]:
@@ -61,7 +62,7 @@ def test_pack_cli_study_gives_every_run_its_lone_results(alone: Path, tmp_path: 
     assert res.returncode == 0, res.stderr[-3000:]
     assert _results(tmp_path / "out") == _results(alone)
     packed = _packed(tmp_path / "out")
-    assert sorted(packed.values(), key=str) == [4, 4, 4, 4, None, None, None, None, None]  # 4 + (1 lora, 4 vanilla) alone
+    assert sorted(packed.values(), key=str) == [4, 4, 4, 4, None, None]  # 4 + (1 lora, 1 vanilla) alone
     assert _packed(alone) == dict.fromkeys(packed)
 
 
