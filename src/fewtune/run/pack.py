@@ -119,10 +119,14 @@ def _run_slots(slots: list[_Slot], data_dir: Path | None, progress) -> None:
         routing.solo(run.m.slot)
         s.result = _outcome(lambda: _finish(s, run, extra, progress))
 
-    runs = [MemberRun(m, lm.tokenizer.pad_token_id, slots[0].method.ctx.precision, dev) for m in members if m is not None]
+    live = [(m, slots[m.slot]) for m in members if m is not None]
+    if not live:  # every member failed to prepare
+        return
+    precision = live[0][1].method.ctx.precision  # the same for all: part of the pack key
+    runs = [MemberRun(m, lm.tokenizer.pad_token_id, precision, dev) for m, _ in live]
     body = backbone_and_head(lm.model)[0]
     with meter.phase("train"):
-        train_pack(runs, body, routing, pad_id=lm.tokenizer.pad_token_id, precision=slots[0].method.ctx.precision,
+        train_pack(runs, body, routing, pad_id=lm.tokenizer.pad_token_id, precision=precision,
                    device=dev, on_done=on_done)
 
 
