@@ -106,8 +106,9 @@ def report(s: dict, args, load_before: str, load_after: str) -> str:
     goal_t = "met" if s["wall_ratio"] <= 0.75 else "NOT met"
     goal_m = "met" if s["memory_ratio"] <= 1.5 else "NOT met"
     detail = "; ".join(f"{w}: {', '.join(f'{t:.1f}' for t in ts)} s" for w, ts in s["times"].items())
+    limit = f"{args.eval_limit} eval examples per set" if args.eval_limit is not None else "quick's 128 eval examples per set"
     return f"""{args.runs} `lora` runs: MNLI, n = {16 if not args.smoke else 2} per class, seeds 0–{args.runs - 1}, the `quick`
-preset's training and evaluation settings, model `{args.model}`, device {args.device}, {args.threads} torch thread(s)
+preset's training settings, {limit}, model `{args.model}`, device {args.device}, {args.threads} torch thread(s)
 per study process; {args.repeats} repetition(s), alternated ({detail}).
 
 {table}
@@ -147,7 +148,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({**s, "load_before": load_before, "load_after": load_after}, indent=1))
     if not (args.no_write or args.smoke):
-        write_section("pack", "10. Packing: 8 LoRA runs on one base vs one by one", body)
+        write_section("pack", f"10. Packing: {args.runs} LoRA runs on one base vs one by one", body)
     if not s["same_metrics"]:
         raise SystemExit("packed runs gave other metrics than alone")
 

@@ -141,7 +141,9 @@ def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Rout
         s.meter.timings, s.meter.tokens = {}, {}
         try:
             task = get_task(s.cfg.task)
-            pool = pools.setdefault(task.name, load_train(task, data_dir))
+            if task.name not in pools:
+                pools[task.name] = load_train(task, data_dir)
+            pool = pools[task.name]
             s.sample = few_shot_sample(pool, s.cfg.n, s.cfg.seed, task.num_labels, per_class=not s.cfg.n_is_total)
             s.evals = load_eval_sets(task, s.cfg, data_dir)
             s.method = _make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
