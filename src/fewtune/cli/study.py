@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         ray_address: Optional[str] = typer.Option(
             None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
                                         "default: start a local one"),
+        pack: Optional[int] = typer.Option(
+            None, "--pack", help="train up to K LoRA runs of one model and task together on one loaded base "
+                                 "(same results as alone; see docs/packing.md); default: the study's pack:, else off"),
         threads: Optional[int] = threads_option(),
     ) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
@@ -85,6 +88,7 @@ def register(app: typer.Typer) -> None:
         from fewtune.run.identity import guard_stale
         from fewtune.study import expand, load_study, make_executor, run_study
         from fewtune.study.executor import check_parallel
+        from fewtune.study.pack import check_pack
 
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
@@ -95,6 +99,7 @@ def register(app: typer.Typer) -> None:
             options["resources"] = study.resources
         runs_in = make_executor(executor, **options)
         check_parallel(runs_in, parallel)
+        check_pack(pack if pack is not None else study.pack, runs_in.name)
         planned = expand(study)
         stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
         if dry_run:
@@ -110,7 +115,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                                console=console, planned=planned, executor=runs_in, parallel=parallel)
+                                console=console, planned=planned, executor=runs_in, parallel=parallel, pack=pack)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         print_summary(outcome, console)

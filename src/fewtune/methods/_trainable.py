@@ -274,7 +274,9 @@ class TrainableMethod(Method):
     def model(self) -> nn.Module:
         return self.net if self.net is not None else self.ctx.lm.model
 
-    def fit(self, sample: list[Example]) -> dict:
+    def prepare_training(self, sample: list[Example]) -> list[list[int]]:
+        """Everything before the loop: the encoded training inputs and labels, the adapted model
+        and ``self.net``. A pack (``fewtune.training.packed``) calls it for each member."""
         ctx = self.ctx
         examples = self.training_examples(sample)
         if not examples:
@@ -287,19 +289,29 @@ class TrainableMethod(Method):
         if ctx.cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(ctx.lm.model)
         self.net = self.build_net()
+        return seqs
+
+    def fit_summary(self, result: TrainResult) -> dict:
+        """The ``fit`` summary of a finished training."""
+        self.train_result = result
+        self.optimizer_steps = result.steps
+        summary = result.summary(self.ctx.cfg.train)
+        summary.update(self.trainable_summary())
+        summary.update(self.extra_summary())
+        return summary
+
+    def fit(self, sample: list[Example]) -> dict:
+        ctx = self.ctx
+        seqs = self.prepare_training(sample)
         curve_fn = None
         if ctx.cfg.train.eval_every_epoch and ctx.evaluate is not None:
-            curve_fn = lambda _epoch: ctx.evaluate()  # noqa: E731
-        self.train_result = train(
+            curve_fn = lambda _epoch: ctx.evaluate()
+        result = train(
             self.net, seqs, self.loss, self.param_groups(), ctx.cfg.train,
             pad_id=ctx.lm.tokenizer.pad_token_id, precision=ctx.precision, model_seed=ctx.cfg.model_seed,
             device=ctx.device, progress=ctx.progress, on_epoch_end=curve_fn, description=f"  train {self.name}",
         )
-        self.optimizer_steps = self.train_result.steps
-        summary = self.train_result.summary(ctx.cfg.train)
-        summary.update(self.trainable_summary())
-        summary.update(self.extra_summary())
-        return summary
+        return self.fit_summary(result)
 
     def predict(self, examples: list[Example], on_batch: Callable[[int], None] | None = None) -> Predictions:
         ctx = self.ctx

@@ -38,6 +38,7 @@ from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
 from fewtune.methods.base import register
 from fewtune.models.adapter import adapter_for
 from fewtune.scoring.heads import make_head
+from fewtune.training.packed import seed_lora_dropout
 
 
 class LoRAOptions(ObjectiveParams):
@@ -89,6 +90,11 @@ class LoRA(TrainableMethod):
                                      target_modules=p.target_modules, seed=self.ctx.cfg.model_seed, **self.lora_options())
         self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha,
                           **self.lora_options())
+        if not self.lora_options().get("use_dora") and not self.ctx.cfg.train.gradient_checkpointing:
+            # The run's own dropout generator, as inside a pack (``training.packed``): a run's
+            # masks do not depend on whether it trains alone or packed. (Not with gradient
+            # checkpointing: its recomputation replays the global RNG only.)
+            seed_lora_dropout(self.peft_model, self.ctx.cfg.model_seed, self.ctx.device)
 
     def lora_options(self) -> dict:
         """Extra ``LoraConfig`` options of this variant (DoRA adds ``use_dora``)."""

@@ -32,7 +32,7 @@ from fewtune.atomic import (
 from fewtune.config import RunConfig
 from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
 from fewtune.methods import METHODS, Method, Predictions, RunContext
-from fewtune.models.loading import load_model, resolve_precision
+from fewtune.models.loading import LoadedModel, load_model, resolve_precision
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.selection import select_values, with_values
@@ -111,6 +111,7 @@ class _Run:
     sample: FewShotSample | None = None
     evals: list[EvalData] = field(default_factory=list)
     selection: dict | None = None
+    extra_resources: dict = field(default_factory=dict)  # a pack member's share of the pack's costs
 
 
 def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None,
@@ -134,12 +135,42 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
     train_summary = _train(run, method)
     if not run.main:  # trained its share; process 0 evaluates and writes
         return RunResult(cfg, {}, None, main_process=False)
+    metrics = _finish(run, method, train_summary)
+    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+
+
+def _finish(run: _Run, method: Method, train_summary: dict | None) -> dict:
+    """A trained run's second half: evaluate, assemble ``metrics.json``, write, log."""
     preds = _evaluate(run, method, train_summary)
     metrics = _assemble_metrics(run, method, train_summary, preds)
-    if out_dir is not None:
-        write_run(Path(out_dir), cfg, run.sample.manifest(), metrics, run.evals, preds, run.task, method.ctx.lm.tokenizer)
+    if run.out_dir is not None:
+        write_run(Path(run.out_dir), run.cfg, run.sample.manifest(), metrics, run.evals, preds, run.task, method.ctx.lm.tokenizer)
     _log(run, metrics)
-    return RunResult(cfg, metrics, Path(out_dir) if out_dir is not None else None)
+    return metrics
+
+
+def _member_run(cfg: RunConfig, run_id: str, out_dir: Path | None, method: Method, meter: ResourceMeter, sample,
+                evals: list[EvalData], selection: dict | None, started: float, progress, extra_resources: dict | None) -> _Run:
+    """The phases' shared state for a run trained elsewhere (a member of a pack, ``run.pack``)."""
+    ctx = method.ctx
+    return _Run(cfg, run_id, out_dir, None, ctx.device if hasattr(ctx, "device") else torch.device("cpu"), True, progress,
+                ctx.task, ctx.pattern, meter, started, sample=sample, evals=evals, selection=selection,
+                extra_resources=dict(extra_resources or {}))
+
+
+def finish_run(cfg: RunConfig, run_id: str, out_dir: Path | None, *, method: Method, meter: ResourceMeter, sample,
+               evals: list[EvalData], train_summary: dict | None, selection: dict | None, started: float,
+               progress=None, extra_resources: dict | None = None) -> dict:
+    """``_finish`` for a run trained in a pack: the same evaluation, metrics and files as alone."""
+    run = _member_run(cfg, run_id, out_dir, method, meter, sample, evals, selection, started, progress, extra_resources)
+    return _finish(run, method, train_summary)
+
+
+def write_diverged(out_dir: Path, cfg: RunConfig, run_id: str, e: TrainingDiverged, method: Method, sample,
+                   meter: ResourceMeter, extra_resources: dict | None = None) -> None:
+    """A pack member's divergence record, the same as a lone run's (``_record_divergence``)."""
+    run = _member_run(cfg, run_id, out_dir, method, meter, sample, [], None, time.time(), None, extra_resources)
+    _record_divergence(run, method, e)
 
 
 def _checked(cfg: RunConfig) -> tuple[RunConfig, str, torch.device]:
@@ -208,7 +239,8 @@ def _record_divergence(run: _Run, method: Method, error: TrainingDiverged) -> No
     cfg, lm = run.cfg, method.ctx.lm
     failed = {"run_id": run.run_id, "status": "diverged", "error": error.message, "task": run.task.name,
               "method": cfg.method, "model": cfg.model, "model_name": lm.name, "n": cfg.n, "seed": cfg.seed,
-              "resources": run.meter.report(method.model, method.ctx.precision, method.optimizer_steps, trains=method.trains)}
+              "resources": {**run.meter.report(method.model, method.ctx.precision, method.optimizer_steps, trains=method.trains),
+                            **run.extra_resources}}
     write_run(Path(run.out_dir), cfg, run.sample.manifest(), failed, [], {}, run.task, lm.tokenizer)  # type: ignore[arg-type]
 
 
@@ -236,7 +268,7 @@ def _assemble_metrics(run: _Run, method: Method, train_summary: dict | None, pre
         "curve": summary.get("curve", []),
         "train": _train_block(train_summary),
         "resources": {**run.meter.report(method.model, ctx.precision, method.optimizer_steps, trains=method.trains),
-                      "processes": distributed.world_size()},
+                      "processes": distributed.world_size(), **run.extra_resources},
         "method_info": getattr(method, "describe", lambda: {})(),
         "notes": list(run.task.notes),
         "warnings": list(method.warnings()),
@@ -282,11 +314,11 @@ def _log(run: _Run, metrics: dict) -> None:
 
 
 def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
-                 data_dir: Path | None, progress=None) -> Method:
-    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``."""
+                 data_dir: Path | None, progress=None, lm: LoadedModel | None = None) -> Method:
+    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``;
+    ``lm``: a base already loaded for this config (the members of a pack share one)."""
     torch.manual_seed(cfg.model_seed)
-    lm = load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
-                    attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
+    lm = lm or load_base(cfg, dev)
     dev = lm.input_device if cfg.device_map else dev  # a model placed by device_map takes its inputs there
     verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
     precision = resolve_precision(cfg.precision, dev)
@@ -296,6 +328,13 @@ def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: 
                      train_pool=pool, data_dir=data_dir, progress=progress)
     method_cls = METHODS.get(cfg.method)
     return method_cls(ctx, method_cls.Params.model_validate(cfg.params))
+
+
+def load_base(cfg: RunConfig, dev: torch.device) -> LoadedModel:
+    """The run's model, as its config asks (seeded by ``model_seed``: tiny random models)."""
+    torch.manual_seed(cfg.model_seed)
+    return load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
+                      attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
 
 
 def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],

@@ -46,7 +46,7 @@ from fewtune.overrides import (
 )
 from fewtune.registry import closest, unknown_hint
 
-STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources")
+STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources", "pack")
 RESOURCE_KEYS = ("cpus", "gpus")  # per run, for executors that schedule them (ray)
 RUN_KEYS = tuple(RunConfig.model_fields)
 TASK_ENTRY_EXTRA = ("task",)
@@ -68,6 +68,7 @@ class StudyConfig:
     source: str = ""  # where it was loaded from (preset name or path)
     claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.stats.claims), tested by the report
     resources: dict[str, float] | None = None  # per run, e.g. {"cpus": 2, "gpus": 0.25}: where runs go, not what they compute
+    pack: int | None = None  # runs per pack (study.pack; --pack wins): how runs are computed, not what
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""
@@ -81,6 +82,8 @@ class StudyConfig:
             out["methods"] = self.methods
         if self.resources:
             out["resources"] = self.resources
+        if self.pack is not None:
+            out["pack"] = self.pack
         if self.claims:
             out["claims"] = self.claims
         return out
@@ -165,7 +168,14 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,
-                       resources=_resources(data.get("resources"), where))
+                       resources=_resources(data.get("resources"), where), pack=_pack(data.get("pack"), where))
+
+
+def _pack(value: Any, where: str) -> int | None:
+    """``pack: K``: up to K packable runs train together (``fewtune.study.pack``); 1 is off."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where}: 'pack' must be a whole number of runs at least 1, got {value!r}", "e.g. pack: 4 (1: no packing)")
+    return value
 
 
 def _resources(value: Any, where: str) -> dict[str, float] | None:

@@ -30,6 +30,7 @@ from fewtune.study.config import StudyConfig
 from fewtune.study.executor import Executor, RunOutcome, check_parallel
 from fewtune.study.executors import SubprocessExecutor
 from fewtune.study.expand import PlannedRun, expand
+from fewtune.study.pack import PackPlan, check_pack, group, member_outcomes
 from fewtune.study.progress import StudyProgress
 from fewtune.study.store import RUNS_DIR, Store
 
@@ -110,6 +111,7 @@ def run_study(
     executor: Executor | None = None,
     planned: list[PlannedRun] | None = None,
     parallel: int = 1,
+    pack: int | None = None,
 ) -> StudyOutcome:
     """Run every missing run of ``study`` into ``out_dir``; safe to call again after any crash.
 
@@ -118,7 +120,8 @@ def run_study(
     tests and debugging. ``parallel`` runs up to that many runs at once (not with an executor
     whose ``max_parallel`` is 1). ``limit`` caps how many runs this call executes. Failed runs are
     recorded with their error and skipped on the next call unless ``retry_failed``. A run
-    recorded done whose directory was deleted runs again.
+    recorded done whose directory was deleted runs again. ``pack`` (default: the study's ``pack:``,
+    else off) runs up to that many packable runs together as one unit (``study.pack``).
     """
     from rich.console import Console
 
@@ -126,6 +129,7 @@ def run_study(
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     ex = executor or SubprocessExecutor()
     check_parallel(ex, parallel)
+    k = check_pack(pack if pack is not None else study.pack, ex.name)
     out = Path(out_dir)
     console = console or Console(stderr=True)
     planned = planned if planned is not None else expand(study)
@@ -138,7 +142,7 @@ def run_study(
             if limit is not None:
                 todo = todo[:limit]
             with StudyProgress(study.name, len(todo), console, enabled=show_progress) as board:
-                _Driver(store, out, ex, data_dir, outcome, console, board, parallel).run_all(todo)
+                _Driver(store, out, ex, data_dir, outcome, console, board, parallel, k).run_all(todo)
             outcome.counts = _counts(store, [p.run_id for p in planned])
     return outcome
 
@@ -222,9 +226,9 @@ def _raise_output_error(result: RunOutcome) -> None:
 
 @dataclass
 class _Flight:
-    """A run handed to the executor: what it is and when it started."""
+    """A run (or a pack of runs) handed to the executor: what it is and when it started."""
 
-    planned: PlannedRun
+    planned: PlannedRun | PackPlan
     rel: str
     t0: float = field(default_factory=time.time)
 
@@ -243,9 +247,10 @@ class _Driver:
     console: Any
     board: StudyProgress
     parallel: int = 1
+    pack: int = 1
 
     def run_all(self, todo: list[PlannedRun]) -> None:
-        queue = deque(todo)
+        queue = deque(group(todo, self.pack))
         inflight: dict[Future[RunOutcome], _Flight] = {}
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="fewtune-run") if self.parallel > 1 else None
         try:
@@ -268,17 +273,24 @@ class _Driver:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _start(self, p: PlannedRun) -> _Flight | None:
-        """Adopt the run if it finished unrecorded, else mark it running (None when adopted)."""
-        rel = f"{RUNS_DIR}/{p.run_id}"
-        if _adopt(p, self.store, self.out / rel, rel):
-            self.outcome.adopted += 1
-            self.board.adopted()
-            return None
-        self.store.mark_running(p.run_id)
-        self.outcome.ran += 1
-        self.board.started(p.run_id, p.label())
-        return _Flight(p, rel)
+    def _start(self, unit: list[PlannedRun]) -> _Flight | None:
+        """Adopt each run that finished unrecorded, mark the others running; they fly as one run
+        or as one pack (None when all were adopted)."""
+        live = []
+        for p in unit:
+            rel = f"{RUNS_DIR}/{p.run_id}"
+            if _adopt(p, self.store, self.out / rel, rel):
+                self.outcome.adopted += 1
+                self.board.adopted()
+                continue
+            self.store.mark_running(p.run_id)
+            self.outcome.ran += 1
+            self.board.started(p.run_id, p.label())
+            live.append(p)
+        if len(live) <= 1:
+            return _Flight(live[0], f"{RUNS_DIR}/{live[0].run_id}") if live else None
+        plan = PackPlan(tuple(live), tuple(self.out / RUNS_DIR / p.run_id for p in live))
+        return _Flight(plan, f"{RUNS_DIR}/.{plan.run_id}")
 
     def _submit(self, flight: _Flight, pool: ThreadPoolExecutor | None) -> Future[RunOutcome]:
         def call() -> RunOutcome:
@@ -297,16 +309,21 @@ class _Driver:
         return fut
 
     def _finish(self, flight: _Flight, fut: Future[RunOutcome]) -> None:
-        """Record one run's outcome (on the driver's thread)."""
-        from rich.markup import escape
-
-        p = flight.planned
+        """Record the outcome of one run, or of each run of a pack (on the driver's thread)."""
         try:
             result = fut.result()
-            _raise_output_error(result)
+            members = member_outcomes(flight.planned, result) if isinstance(flight.planned, PackPlan) else [(flight.planned, result)]
+            for _, r in members:
+                _raise_output_error(r)
         except BaseException:
             self._keep_pending(flight)
             raise
+        for p, r in members:
+            self._record(p, r, f"{RUNS_DIR}/{p.run_id}", flight.t0)
+
+    def _record(self, p: PlannedRun, result: RunOutcome, rel: str, t0: float) -> None:
+        from rich.markup import escape
+
         self.board.finished(p.run_id, ok=result.ok)
         if not result.ok:
             msg = result.error or ""
@@ -317,10 +334,10 @@ class _Driver:
                                f"{escape(msg.splitlines()[0] if msg else '')}")
             return
         metrics = result.metrics or {}
-        self.store.mark_done(p.run_id, metrics, flight.rel)
+        self.store.mark_done(p.run_id, metrics, rel)
         self.outcome.succeeded += 1
         self.console.print(f"[green]✓[/green] {escape(p.label())} {escape(f'[{p.run_id}]')}: "
-                           f"{escape(_metrics_line(metrics))} ({time.time() - flight.t0:.0f} s)")
+                           f"{escape(_metrics_line(metrics))} ({time.time() - t0:.0f} s)")
 
     def _abandon(self, inflight: dict[Future[RunOutcome], _Flight]) -> None:
         """Stop the runs in flight (their processes end; no result is recorded) and keep them pending.
@@ -333,5 +350,7 @@ class _Driver:
             self._keep_pending(flight)
 
     def _keep_pending(self, flight: _Flight) -> None:
+        members = flight.planned.members if isinstance(flight.planned, PackPlan) else (flight.planned,)
         with suppress(sqlite3.Error):
-            self.store.mark_pending(flight.planned.run_id)
+            for p in members:
+                self.store.mark_pending(p.run_id)

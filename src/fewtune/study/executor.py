@@ -21,7 +21,7 @@ Runner = Callable[..., Any]
 
 # Imported once by the fork server, so that each run's process starts with them in memory (the
 # embedded model is a Llama: its modeling code is imported lazily by transformers otherwise).
-PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "fewtune.run.runner"]
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "fewtune.run.runner", "fewtune.run.pack"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,10 @@ def outcome_of(run: Callable[[], Any]) -> RunOutcome:
 
 
 def default_runner() -> Runner:
-    from fewtune.run.runner import run_experiment
+    """``run_experiment``, or for a pack of runs (``study.pack``) ``run_pack``: ``run.pack.run_unit``."""
+    from fewtune.run.pack import run_unit
 
-    return run_experiment
+    return run_unit
 
 
 class Executor:

@@ -1,0 +1,217 @@
+"""A pack of runs: several LoRA runs of one base model, trained together, each written as its own run.
+
+``run_pack(configs, out_dirs)`` is ``run_experiment`` for up to K runs that ``pack_key`` says can
+share a base: the base is loaded once, each member is prepared exactly as a lone run would be
+(its sample, eval sets, method, peft's adapter initialisation, head), the members train together
+(``training.packed``), and each member is evaluated and written the moment it finishes — its own
+run directory, ``metrics.json`` (``resources.packed`` = K, the pack's peak memory and wall time
+with the member's share) and predictions — through the runner's own ``finish_run``. A member that
+diverges fails alone (its record says so); a member already finished on disk is not run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewtune.config import RunConfig
+from fewtune.errors import FewtuneError, TrainingDiverged
+from fewtune.models.adapter import backbone_and_head
+from fewtune.run.packable import PackResult, PackSpec
+from fewtune.run.resolve import resolve
+from fewtune.run.resources import ResourceMeter
+from fewtune.run.runner import (
+    _make_method,
+    check_out_dir,
+    finish_run,
+    load_base,
+    load_eval_sets,
+    run_experiment,
+    write_diverged,
+)
+from fewtune.tasks import get_task, load_train
+from fewtune.tasks.sampling import few_shot_sample
+from fewtune.training import distributed
+from fewtune.training.packed import (
+    Member,
+    MemberRun,
+    Routing,
+    has_dropout,
+    install,
+    lora_layers,
+    member_generator,
+    train_pack,
+    use_packed_attention,
+)
+
+
+@dataclass
+class _Slot:
+    """One member while the pack runs."""
+
+    cfg: RunConfig
+    run_id: str
+    out_dir: Path
+    method: Any = None
+    sample: Any = None
+    evals: list = field(default_factory=list)
+    meter: ResourceMeter | None = None
+    result: Any = None  # metrics dict when written, or the exception it failed with
+    started: float = field(default_factory=time.time)
+
+
+def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path | None = None, progress=None) -> list[Any]:
+    """Run the members; per member its metrics (a dict) or the exception it failed with, in order.
+    A member whose ``out_dir`` already holds it finished returns those metrics unrun."""
+    slots, results = [], [None] * len(configs)
+    for i, (cfg, out) in enumerate(zip(configs, out_dirs)):
+        cfg = resolve(cfg)
+        run_id = cfg.content_hash()
+        try:
+            done = check_out_dir(cfg, run_id, Path(out))
+        except Exception as e:  # noqa: BLE001 — this member fails, the others run
+            results[i] = e
+            continue
+        if done is not None:
+            results[i] = done
+        else:
+            slots.append((i, _Slot(cfg, run_id, Path(out))))
+    if slots:
+        _run_slots([s for _, s in slots], data_dir, progress)
+        for i, s in slots:
+            results[i] = s.result
+    return results
+
+
+def _run_slots(slots: list[_Slot], data_dir: Path | None, progress) -> None:
+    dev = distributed.device()
+    meter = ResourceMeter(dev)  # one peak for the pack: the process's
+    t0 = time.time()
+    with meter.phase("prepare"):
+        lm = load_base(slots[0].cfg, dev)
+    if has_dropout(lm.model):
+        del lm
+        for s in slots:  # rows would not be independent of their batch-mates: run them alone
+            s.result = _outcome(lambda s=s: run_experiment(s.cfg, s.out_dir, data_dir=data_dir, progress=progress).metrics)
+        return
+    use_packed_attention(lm.model)
+    routing = Routing()
+    members = _prepare_members(slots, lm, meter, routing, dev, data_dir, progress)
+    prepare_s = time.time() - t0
+    k = len(slots)
+    t_train = time.time()
+
+    def on_done(run: MemberRun, error: TrainingDiverged | None) -> None:
+        s = slots[run.m.slot]
+        s.meter.timings.update(prepare=prepare_s / k, train=time.time() - t_train)
+        extra = _pack_resources(s, run.m, meter, k, t0)
+        if error is not None:
+            s.result = error
+            _outcome(lambda: write_diverged(s.out_dir, s.cfg, s.run_id, error, s.method, s.sample, s.meter, extra))
+            return
+        routing.solo(run.m.slot)
+        s.result = _outcome(lambda: _finish(s, run, extra, progress))
+
+    live = [(m, slots[m.slot]) for m in members if m is not None]
+    if not live:  # every member failed to prepare
+        return
+    precision = live[0][1].method.ctx.precision  # the same for all: part of the pack key
+    runs = [MemberRun(m, lm.tokenizer.pad_token_id, precision, dev) for m, _ in live]
+    body = backbone_and_head(lm.model)[0]
+    with meter.phase("train"):
+        train_pack(runs, body, routing, pad_id=lm.tokenizer.pad_token_id, precision=precision,
+                   device=dev, on_done=on_done)
+
+
+def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Routing, dev: torch.device,
+                     data_dir: Path | None, progress) -> list[Member | None]:
+    """Each member prepared as its lone run would be; peft initialises its adapter on the shared
+    base, which is copied into the pack's layers and removed again."""
+    pools: dict[str, list] = {}
+    layers = []
+    for s in slots:
+        s.meter = copy.copy(meter)  # its own timings and tokens; the pack's (process-wide) peak
+        s.meter.timings, s.meter.tokens = {}, {}
+        try:
+            task = get_task(s.cfg.task)
+            if task.name not in pools:
+                pools[task.name] = load_train(task, data_dir)
+            pool = pools[task.name]
+            s.sample = few_shot_sample(pool, s.cfg.n, s.cfg.seed, task.num_labels, per_class=not s.cfg.n_is_total)
+            s.evals = load_eval_sets(task, s.cfg, data_dir)
+            s.method = _make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
+            seqs = s.method.prepare_training(s.sample.examples)
+            layers.append((seqs, lora_layers(s.method.peft_model)))
+        except Exception as e:  # noqa: BLE001 — this member fails, the others run
+            s.result = e
+            layers.append(None)
+        finally:
+            if s.method is not None and getattr(s.method, "peft_model", None) is not None:
+                s.method.peft_model.unload()  # the base as loaded, for the next member's peft
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    members: list[Member | None] = []
+    for slot, (s, got) in enumerate(zip(slots, layers)):
+        if got is None:
+            members.append(None)
+            continue
+        seqs, lay = got
+        params = install(lm.model, slot, lay, routing, member_generator(s.cfg.model_seed, dev))
+        head = list(s.method.head.parameters()) if s.method.head is not None else []
+        members.append(Member(slot, s.method.net, seqs, s.method.loss, params + head, s.method.ctx.cfg.train, s.cfg.model_seed))
+    return members
+
+
+def _finish(s: _Slot, run: MemberRun, extra: dict, progress) -> dict:
+    summary = s.method.fit_summary(run.res)
+    summary["trainable_params"] = extra["trainable_params"]
+    if summary.get("train_tokens"):
+        s.meter.add_tokens("train", int(summary["train_tokens"]))
+    return finish_run(s.cfg, s.run_id, s.out_dir, method=s.method, meter=s.meter, sample=s.sample, evals=s.evals,
+                      train_summary=summary, selection=None, started=s.started, progress=progress, extra_resources=extra)
+
+
+def _pack_resources(s: _Slot, m: Member, meter: ResourceMeter, k: int, t0: float) -> dict:
+    """The member's own parameter counts, and the pack's peak memory and wall time (so far) with
+    the member's share of each: what a packed run cost is the pack's cost over its members."""
+    own = sum(p.numel() for p in m.params)
+    base = sum(p.numel() for p in s.method.ctx.lm.model.parameters() if not p.requires_grad)
+    peak, wall = meter.peak_mb(), time.time() - t0
+    return {"packed": k, "trainable_params": own, "total_params": base + own,
+            "pack": {"members": k, "peak_memory_mb": round(peak, 1), "wall_seconds": round(wall, 3),
+                     "memory_share_mb": round(peak / k, 1), "wall_share_seconds": round(wall / k, 3),
+                     "note": "peak memory and wall time are the pack's, shared by its members"}}
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or the exception it raised (a member's failure is its own)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def run_unit(config: RunConfig | PackSpec, out_dir: Path | None = None, *, data_dir: Path | None = None, progress=None) -> Any:
+    """The executors' default runner: one run (``run_experiment``) or one pack (``run_pack``)."""
+    if not isinstance(config, PackSpec):
+        return run_experiment(config, out_dir, data_dir=data_dir, progress=progress)
+    results = run_pack(list(config.configs), list(config.out_dirs), data_dir=data_dir, progress=progress)
+    members = {}
+    for out, r in zip(config.out_dirs, results):
+        members[Path(out).name] = ({"error": _error_text(r), "error_type": type(r).__name__} if isinstance(r, BaseException)
+                                   else {"metrics": r})
+    return PackResult({"pack_members": members})
+
+
+def _error_text(e: BaseException) -> str:
+    """As ``study.executor.format_error``: the message, and the traceback for a bug."""
+    if isinstance(e, FewtuneError):
+        return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))

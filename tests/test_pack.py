@@ -1,0 +1,126 @@
+"""Packs (``--pack K``): runs trained together give every member exactly its lone results, in its
+own run directory; a member fails alone; finished members are never run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from fewtune.config import RunConfig, TrainConfig
+from fewtune.errors import TrainingDiverged
+from fewtune.run.pack import run_pack
+from fewtune.run.packable import pack_key
+from fewtune.study import expand, parse_study, run_study
+from fewtune.study.executors import InProcessExecutor
+from fewtune.study.pack import group
+from fewtune.study.store import Store
+
+# 4 LoRA seeds (data seeds), a rank-4 rsLoRA run with more steps (alone in its group with --pack 4;
+# with seed 3 at --pack 3, so members leave a pack at different steps) and a vanilla run, which
+# cannot be packed and runs as usual.
+STUDY = {"name": "packed", "model": "tiny-random", "task": "cola", "n": 2, "seed": [0, 1, 2, 3], "eval_limit": 16,
+         "eval_batch_size": 8, "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-2},
+         "methods": [{"method": "lora", "params": {"r": 2}},
+                     {"method": "lora", "seed": [0], "params": {"r": 4, "rslora": True}, "train": {"max_steps": 5}},
+                     {"method": "vanilla", "seed": [0]}]}
+
+
+def _results(out: Path) -> dict[str, tuple]:
+    with Store(out) as s:
+        rows = s.runs()
+    assert rows and all(r.status == "done" for r in rows), [(r.status, r.error) for r in rows]
+    return {r.run_id: (r.metrics["run_id"], json.dumps(r.metrics["eval"], sort_keys=True), r.metrics["train"]["loss_history"],
+                       (out / r.run_dir / "predictions.jsonl").read_text()) for r in rows}
+
+
+def _packed(out: Path) -> dict[str, int | None]:
+    with Store(out) as s:
+        return {r.run_id: json.loads((out / r.run_dir / "metrics.json").read_text())["resources"].get("packed") for r in s.runs()}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("alone")
+    run_study(parse_study(STUDY, "test"), out, data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
+    return out
+
+
+def test_pack_cli_study_gives_every_run_its_lone_results(alone: Path, tmp_path: Path, data_dir: Path) -> None:
+    """``--pack 4`` through the real CLI (subprocess executor): same run ids, eval metrics,
+    predictions and losses as the study without packing; one run directory per member."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps(STUDY))
+    env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report",
+                          "--pack", "4"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _results(tmp_path / "out") == _results(alone)
+    packed = _packed(tmp_path / "out")
+    assert sorted(packed.values(), key=str) == [4, 4, 4, 4, None, None]  # 4 + (1 lora, 1 vanilla) alone
+    assert _packed(alone) == dict.fromkeys(packed)
+
+
+def test_study_key_pack_inprocess_and_resume_runs_only_unfinished(alone: Path, tmp_path: Path, data_dir: Path) -> None:
+    """``pack: 4`` in the study; a member already finished on disk but never recorded (a pack
+    killed after writing it) is adopted, the others run packed."""
+    study = parse_study({**STUDY, "pack": 4}, "test")
+    planned = [p for p in expand(study) if p.config.method == "lora" and p.config.params.get("r") == 2]
+    from fewtune.run.runner import run_experiment
+
+    run_experiment(planned[0].config, tmp_path / "runs" / planned[0].run_id, data_dir=data_dir)
+    outcome = run_study(study, tmp_path, data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
+    assert outcome.adopted == 1 and outcome.complete
+    assert _results(tmp_path) == _results(alone)
+    assert [v for v in _packed(tmp_path).values() if v] == [3, 3, 3]
+
+
+def test_grouping_by_key_in_order() -> None:
+    planned = expand(parse_study(STUDY, "test"))
+    units = group(planned, 3)
+    assert [len(u) for u in units if pack_key(u[0].config)] == [3, 2]  # r=2 seeds 0-2; seed 3 + rsLoRA (steps, rank: same key)
+    assert sum(len(u) for u in units) == len(planned) and group(planned, 1) == [[p] for p in planned]
+
+
+def _cfg(seed: int, **train) -> RunConfig:
+    return RunConfig(task="cola", method="lora", model="tiny-random", n=4, seed=seed, eval_limit=16, params={"r": 2, "dropout": 0.5},
+                     train=TrainConfig(**{"max_steps": 4, "batch_size": 4, "lr": 1e-2, **train}))
+
+
+def _eval(out: Path) -> tuple:
+    m = json.loads((out / "metrics.json").read_text())
+    return m["train"]["loss_history"], (out / "predictions.jsonl").read_text()
+
+
+def test_dropout_masks_are_each_members_own(tmp_path: Path, data_dir: Path) -> None:
+    """At dropout 0.5, member 0 trained with either partner, or in a pack of one, gets the same
+    masks, hence the same losses and predictions; the masks do matter (dropout 0 differs)."""
+    a, b, c = _cfg(0), _cfg(1), _cfg(2, max_steps=2)
+    run_pack([a, b], [tmp_path / "ab0", tmp_path / "ab1"], data_dir=data_dir)
+    run_pack([c, a], [tmp_path / "ca0", tmp_path / "ca1"], data_dir=data_dir)
+    run_pack([a], [tmp_path / "a"], data_dir=data_dir)
+    assert _eval(tmp_path / "ab0") == _eval(tmp_path / "ca1") == _eval(tmp_path / "a")
+    no_drop = a.model_copy(update={"params": {"r": 2, "dropout": 0.0}})
+    run_pack([no_drop], [tmp_path / "nd"], data_dir=data_dir)
+    assert _eval(tmp_path / "nd")[0] != _eval(tmp_path / "a")[0]
+
+
+def test_a_diverging_member_fails_alone(tmp_path: Path, data_dir: Path) -> None:
+    good, bad = _cfg(0), _cfg(1, lr=1e38, max_grad_norm=None)
+    res = run_pack([bad, good], [tmp_path / "bad", tmp_path / "good"], data_dir=data_dir)
+    assert isinstance(res[0], TrainingDiverged) and isinstance(res[1], dict)
+    assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "diverged"
+    run_pack([good], [tmp_path / "alone"], data_dir=data_dir)
+    assert _eval(tmp_path / "good") == _eval(tmp_path / "alone")
+
+
+def test_pack_usage_errors_exit_2(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", "quick", "--out", str(tmp_path / "o"), "--pack", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "pack must be a whole number" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
