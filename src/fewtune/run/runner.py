@@ -153,7 +153,7 @@ def _member_run(cfg: RunConfig, run_id: str, out_dir: Path | None, method: Metho
                 evals: list[EvalData], selection: dict | None, started: float, progress, extra_resources: dict | None) -> _Run:
     """The phases' shared state for a run trained elsewhere (a member of a pack, ``run.pack``)."""
     ctx = method.ctx
-    return _Run(cfg, run_id, out_dir, None, ctx.device if hasattr(ctx, "device") else torch.device("cpu"), True, progress,
+    return _Run(cfg, run_id, out_dir, None, ctx.device, True, progress,
                 ctx.task, ctx.pattern, meter, started, sample=sample, evals=evals, selection=selection,
                 extra_resources=dict(extra_resources or {}))
 
