@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and what makes the suite safe and fast across pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker (scripts/test.sh starts one worker per core): intra-op threads of
+    # two workers on two cores only wait on each other. Set before torch is imported, and inherited
+    # by the CLI subprocesses the tests start (a test that needs more passes --threads).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Convert the embedded model once, before any worker starts (xdist starts them in its own
+    ``trylast`` sessionstart), instead of in every worker at once. The file lock serialises this
+    with other pytest sessions on the machine; the conversion itself writes a temporary directory
+    and renames it, so a reader never sees half a model. Converted already: a cheap check."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from fewtune.models import embedded
+
+    if not embedded.MODELS[embedded.DEFAULT].installed():
+        return  # the tests that need it say so
+    from filelock import FileLock
+
+    from fewtune.models.loading import cache_dir, embedded_model_dir
+
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / "models" / ".convert.lock")):
+        embedded_model_dir(embedded.DEFAULT)
 
 
 # --- data (tasks / sampling tests) ------------------------------------------------------------
