@@ -4,7 +4,8 @@
 # One pytest-xdist worker per core, one torch thread each (tests/conftest.py); FEWTUNE_TEST_WORKERS
 # sets the number (0: one process). --dist loadgroup keeps the tests marked
 # @pytest.mark.xdist_group(name) on one worker (one Ray cluster, one gloo launch at a time).
-# Any pytest arguments are passed through, e.g. -m "not integration" (the fast tier).
+# Any pytest arguments are passed through, e.g. -m "not slow" (the fast tier: no processes started,
+# no embedded model end to end) or -m "not integration".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

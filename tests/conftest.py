@@ -17,23 +17,46 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Convert the embedded model once, before any worker starts (xdist starts them in its own
-    ``trylast`` sessionstart), instead of in every worker at once. The file lock serialises this
-    with other pytest sessions on the machine; the conversion itself writes a temporary directory
-    and renames it, so a reader never sees half a model. Converted already: a cheap check."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    """With several xdist workers, convert the installed embedded models once, here in the
+    controller (xdist starts the workers after this, in its ``trylast`` sessionstart), instead of
+    in every worker at once: the default model (most tests) and Gemma (its tokenizer tests).
+    The file lock serialises this with other pytest sessions on the machine; the conversion writes
+    a temporary directory and renames it, so a reader never sees half a model. A plain run
+    converts lazily, where a test first needs a model; converted already: a cheap check."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or session.config.getoption("dist", "no") == "no":
         return
     from fewtune.models import embedded
 
-    if not embedded.MODELS[embedded.DEFAULT].installed():
-        return  # the tests that need it say so
+    installed = [key for key, model in embedded.MODELS.items() if model.installed()]
+    if not installed:
+        return  # the tests that need one say so
     from filelock import FileLock
 
     from fewtune.models.loading import cache_dir, embedded_model_dir
 
     (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir() / "models" / ".convert.lock")):
-        embedded_model_dir(embedded.DEFAULT)
+        for key in installed:
+            embedded_model_dir(key)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Integration tests are slow tests too (the fast tier is ``-m "not slow"``). A module whose
+    tests share a module-scoped fixture of its own (a study run once, a report built once) runs
+    on one xdist worker, so that fixture is built once rather than once per worker (with
+    ``--dist loadgroup``; an explicit ``xdist_group`` wins)."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("xdist_group") is None and _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    module = item.nodeid.split("::")[0]
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope == "module" and d.baseid == module for ds in defs.values() for d in ds)
 
 
 # --- data (tasks / sampling tests) ------------------------------------------------------------

@@ -39,6 +39,7 @@ def _per_run(out: Path) -> dict[str, tuple]:
                        (out / r.run_dir / "predictions.jsonl").read_text()) for r in rows}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_identical_results_inprocess_and_subprocess(tmp_path: Path, data_dir: Path) -> None:
     study = _study(TINY)
     a = run_study(study, tmp_path / "in", data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
@@ -103,6 +104,7 @@ def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path)
 
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> None:
     """kill -9 of the study process: its run's process ends too, so it cannot write into a study
     that a new process resumes."""
@@ -147,6 +149,7 @@ def test_unknown_executor_is_a_user_error() -> None:
 
 
 @pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["sequential", "parallel"])
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path, parallel: list[str]) -> None:
     """A real run that fails inside its process (a model that does not exist) is recorded; the
     other run finishes; the CLI exits 1 without a traceback."""

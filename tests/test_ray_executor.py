@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install fewtune[ray])")
-pytestmark = pytest.mark.xdist_group("ray")  # one cluster, on one xdist worker (scripts/test.sh)
+# One cluster, on one xdist worker (scripts/test.sh); a cluster of processes: not in the fast tier.
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 
 import executor_runners as runners  # noqa: E402
 import ray_runners  # noqa: E402

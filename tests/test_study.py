@@ -370,6 +370,7 @@ def _db_done(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_kill_9_mid_study_then_resume(tmp_path: Path, data_dir: Path) -> None:
     """SIGKILL the study process once ≥ 1 run is recorded, re-run: every run done exactly once."""
     methods = _available(["icl", "vanilla"])
