@@ -40,23 +40,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             embedded_model_dir(key)
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Integration tests are slow tests too (the fast tier is ``-m "not slow"``). A module whose
-    tests share a module-scoped fixture of its own (a study run once, a report built once) runs
-    on one xdist worker, so that fixture is built once rather than once per worker (with
-    ``--dist loadgroup``; an explicit ``xdist_group`` wins)."""
+    """Integration tests are slow tests too: the fast tier is ``-m "not slow"``."""
     for item in items:
         if item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("xdist_group") is None and _shares_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
-def _shares_a_module_fixture(item: pytest.Item) -> bool:
-    module = item.nodeid.split("::")[0]
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    return any(d.scope == "module" and d.baseid == module for ds in defs.values() for d in ds)
 
 
 # --- data (tasks / sampling tests) ------------------------------------------------------------

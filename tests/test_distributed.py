@@ -99,7 +99,6 @@ def _accelerate(config: Path) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("gloo")  # launchers rendezvous on a fixed port: one at a time
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir):
     """accelerate launch with a config file (2 gloo processes on CPU) vs a plain run: the same
     loss curve within 1e-5 (float summation order differs), the same predictions, one run dir."""
@@ -123,7 +122,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("gloo")  # launchers rendezvous on a fixed port: one at a time
 def test_fsdp_config_is_refused_with_exit_2(tmp_path, data_dir):
     (tmp_path / "fsdp.yaml").write_text(ACCELERATE_FSDP)
     r = _launch(_accelerate(tmp_path / "fsdp.yaml"), [*RUN, "--out", str(tmp_path / "o")], data_dir, tmp_path)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install fewtune[ray])")
-# One cluster, on one xdist worker (scripts/test.sh); a cluster of processes: not in the fast tier.
-pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
+pytestmark = pytest.mark.slow  # a cluster of processes: not in the fast tier
 
 import executor_runners as runners  # noqa: E402
 import ray_runners  # noqa: E402

@@ -334,6 +334,7 @@ def _available(methods: list[str]) -> list[str]:
     return [m for m in methods if m in METHODS]
 
 
+@pytest.mark.slow  # each run in its own process (the default executor): not in the fast tier
 def test_tiny_study_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     from fewtune.report import write_report
 
