@@ -48,6 +48,7 @@ def test_identical_results_inprocess_and_subprocess(tmp_path: Path, data_dir: Pa
     assert _per_run(tmp_path / "in") == _per_run(tmp_path / "sub")
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_each_subprocess_run_has_its_own_process(tmp_path: Path) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False, executor=SubprocessExecutor(runners.killed_by_signal, preload=[]))
     with Store(tmp_path) as s:
@@ -55,7 +56,9 @@ def test_each_subprocess_run_has_its_own_process(tmp_path: Path) -> None:
     assert out.counts["done"] == 2 and len(set(pids)) == 2 and os.getpid() not in pids
 
 
-@pytest.mark.parametrize("make", [lambda r: InProcessExecutor(r), lambda r: SubprocessExecutor(r, preload=[])], ids=["inprocess", "subprocess"])
+@pytest.mark.parametrize("make", [lambda r: InProcessExecutor(r),  # the subprocess case starts processes: slow
+                                  pytest.param(lambda r: SubprocessExecutor(r, preload=[]), marks=pytest.mark.slow)],
+                         ids=["inprocess", "subprocess"])
 def test_a_run_that_raises_is_recorded_and_the_study_goes_on(tmp_path: Path, make) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False, executor=make(runners.diverges))
     assert (out.succeeded, out.failed_now) == (1, 3)
@@ -68,6 +71,7 @@ def test_a_run_that_raises_is_recorded_and_the_study_goes_on(tmp_path: Path, mak
     assert {f[2] for f in out.failures} >= {"TrainingDiverged: training loss became NaN at step 1", "ZeroDivisionError: oops"}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_a_run_killed_by_a_signal_is_recorded_failed(tmp_path: Path) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False,
                     executor=SubprocessExecutor(runners.killed_by_signal, preload=[]))
@@ -79,6 +83,7 @@ def test_a_run_killed_by_a_signal_is_recorded_failed(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(r.run_id for r in Store(tmp_path).runs(status="done"))
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path) -> None:
     study = _study(FAKE)
     first = expand(study)[0]
