@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and what makes the suite safe and fast across pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,44 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker (scripts/test.sh starts one worker per core): intra-op threads of
+    # two workers on two cores only wait on each other. Set before torch is imported, and inherited
+    # by the CLI subprocesses the tests start (a test that needs more passes --threads).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With several xdist workers, convert the installed embedded models once, here in the
+    controller (xdist starts the workers after this, in its ``trylast`` sessionstart), instead of
+    in every worker at once: the default model (most tests) and Gemma (its tokenizer tests).
+    The file lock serialises this with other pytest sessions on the machine; the conversion writes
+    a temporary directory and renames it, so a reader never sees half a model. A plain run
+    converts lazily, where a test first needs a model; converted already: a cheap check."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or session.config.getoption("dist", "no") == "no":
+        return
+    from fewtune.models import embedded
+
+    installed = [key for key, model in embedded.MODELS.items() if model.installed()]
+    if not installed:
+        return  # the tests that need one say so
+    from filelock import FileLock
+
+    from fewtune.models.loading import cache_dir, embedded_model_dir
+
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / "models" / ".convert.lock")):
+        for key in installed:
+            embedded_model_dir(key)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Integration tests are slow tests too: the fast tier is ``-m "not slow"``."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.slow)
 
 
 # --- data (tasks / sampling tests) ------------------------------------------------------------

@@ -82,6 +82,7 @@ def icl_runs(tmp_path_factory, data_dir):
     return runs
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_icl_contextual_bias_is_measured_in_the_runs_own_prompt(icl_runs, data_dir):
     """Recompute the bias independently: the same demonstrations, then each content-free query."""
     import torch
@@ -107,6 +108,7 @@ def test_icl_contextual_bias_is_measured_in_the_runs_own_prompt(icl_runs, data_d
     np.testing.assert_allclose(record["bias"], mean_distribution(scores.label_logprobs), atol=2e-5)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_calibrated_predictions_follow_the_recorded_bias(icl_runs):
     raw = {r["id"]: r for r in _preds(icl_runs["none"])}
     for mode in ("contextual", "batch"):
@@ -118,6 +120,7 @@ def test_calibrated_predictions_follow_the_recorded_bias(icl_runs):
         assert all(abs(sum(np.exp(r["label_logprobs"])) - 1) < 1e-4 for r in rows)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_batch_calibration_is_recorded_as_transductive(icl_runs):
     metrics = json.loads((icl_runs["batch"] / "metrics.json").read_text())
     record = metrics["eval"]["cola-id"]["calibration"]
@@ -127,6 +130,7 @@ def test_batch_calibration_is_recorded_as_transductive(icl_runs):
     assert "calibration" not in json.loads((icl_runs["none"] / "metrics.json").read_text())["eval"]["cola-id"]
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_zero_shot_and_pbft_calibrate_too(tmp_path, data_dir):
     for method, extra in (("zero-shot", ()), ("pbft", ("--set", "train.max_steps=1", "--set", "train.batch_size=4"))):
         proc, out = _run(tmp_path, method, method, "contextual", *extra)
@@ -140,6 +144,7 @@ def test_zero_shot_and_pbft_calibrate_too(tmp_path, data_dir):
     ("vanilla", (), "unknown key"),
     ("icl", (), "Input should be"),
 ])
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_calibration_where_it_cannot_apply_is_a_usage_error(tmp_path, method, extra, needle):
     value = "sideways" if method == "icl" else "batch"
     out = tmp_path / method

@@ -50,6 +50,7 @@ def test_the_option_defaults_off():
     assert TrainConfig().gradient_checkpointing is False
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_bf16_weights_with_checkpointing_train_through_the_cli(tmp_path, data_dir):
     """The big-model combination: bf16 weights (adapters only) + gradient checkpointing trains."""
     import json

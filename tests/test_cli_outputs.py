@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_cli import BASE, fewtune
 
-pytestmark = pytest.mark.usefixtures("data_dir")
+pytestmark = [pytest.mark.usefixtures("data_dir"), pytest.mark.slow]  # the real CLI in subprocesses: not in the fast tier
 
 ZERO_SHOT = [*BASE, "--task", "cola", "--method", "zero-shot"]
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_cli import BASE, fewtune
 
-pytestmark = pytest.mark.usefixtures("data_dir")
+pytestmark = [pytest.mark.usefixtures("data_dir"), pytest.mark.slow]  # the real CLI in subprocesses: not in the fast tier
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ def _per_run(out: Path) -> dict[str, tuple]:
                        (out / r.run_dir / "predictions.jsonl").read_text()) for r in rows}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_identical_results_inprocess_and_subprocess(tmp_path: Path, data_dir: Path) -> None:
     study = _study(TINY)
     a = run_study(study, tmp_path / "in", data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
@@ -47,6 +48,7 @@ def test_identical_results_inprocess_and_subprocess(tmp_path: Path, data_dir: Pa
     assert _per_run(tmp_path / "in") == _per_run(tmp_path / "sub")
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_each_subprocess_run_has_its_own_process(tmp_path: Path) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False, executor=SubprocessExecutor(runners.killed_by_signal, preload=[]))
     with Store(tmp_path) as s:
@@ -54,7 +56,9 @@ def test_each_subprocess_run_has_its_own_process(tmp_path: Path) -> None:
     assert out.counts["done"] == 2 and len(set(pids)) == 2 and os.getpid() not in pids
 
 
-@pytest.mark.parametrize("make", [lambda r: InProcessExecutor(r), lambda r: SubprocessExecutor(r, preload=[])], ids=["inprocess", "subprocess"])
+@pytest.mark.parametrize("make", [lambda r: InProcessExecutor(r),  # the subprocess case starts processes: slow
+                                  pytest.param(lambda r: SubprocessExecutor(r, preload=[]), marks=pytest.mark.slow)],
+                         ids=["inprocess", "subprocess"])
 def test_a_run_that_raises_is_recorded_and_the_study_goes_on(tmp_path: Path, make) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False, executor=make(runners.diverges))
     assert (out.succeeded, out.failed_now) == (1, 3)
@@ -67,6 +71,7 @@ def test_a_run_that_raises_is_recorded_and_the_study_goes_on(tmp_path: Path, mak
     assert {f[2] for f in out.failures} >= {"TrainingDiverged: training loss became NaN at step 1", "ZeroDivisionError: oops"}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_a_run_killed_by_a_signal_is_recorded_failed(tmp_path: Path) -> None:
     out = run_study(_study(FAKE), tmp_path, show_progress=False,
                     executor=SubprocessExecutor(runners.killed_by_signal, preload=[]))
@@ -78,6 +83,7 @@ def test_a_run_killed_by_a_signal_is_recorded_failed(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(r.run_id for r in Store(tmp_path).runs(status="done"))
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path) -> None:
     study = _study(FAKE)
     first = expand(study)[0]
@@ -103,6 +109,7 @@ def test_ctrl_c_stops_the_run_process_and_leaves_the_run_pending(tmp_path: Path)
 
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_run_process_ends_when_the_study_process_is_killed(tmp_path: Path) -> None:
     """kill -9 of the study process: its run's process ends too, so it cannot write into a study
     that a new process resumes."""
@@ -147,6 +154,7 @@ def test_unknown_executor_is_a_user_error() -> None:
 
 
 @pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["sequential", "parallel"])
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_cli_failed_run_in_child_exits_1_and_study_goes_on(tmp_path: Path, data_dir: Path, parallel: list[str]) -> None:
     """A real run that fails inside its process (a model that does not exist) is recorded; the
     other run finishes; the CLI exits 1 without a traceback."""

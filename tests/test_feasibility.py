@@ -78,6 +78,7 @@ def test_paper_preset_icl_fits_its_context(data_dir):
     assert res.ok, [f.problem for f in res.errors]
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_dry_run_exits_2_and_lists_infeasible_runs(tmp_path, data_dir):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("name: s\nmodel: tiny-random\ntask: cola\nmethods: [icl, zero-shot]\nn: 16\neval_limit: 8\nmax_context: 100\n")

@@ -192,6 +192,7 @@ def test_prompt_tuning_starts_from_the_task_instruction():
     assert not torch.equal(r.peft_model.prompt_encoder["default"].embedding.weight, want)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_cli_lists_the_new_methods_with_their_parameters(tmp_path):
     env = dict(os.environ, COLUMNS="250")
     res = subprocess.run([sys.executable, "-m", "fewtune", "methods"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -205,6 +206,7 @@ def test_cli_lists_the_new_methods_with_their_parameters(tmp_path):
         assert param in text, param
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_beyond_preset_has_every_method_dry_runs_and_quick_stays_the_study(tmp_path, data_dir):
     from fewtune.methods import METHODS
     from fewtune.study import expand, load_study

@@ -61,6 +61,7 @@ def test_model_digest_keeps_the_smollm2_string():
 # --------------------------------------------------------------------------- fewtune models (the real CLI)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_models_command_lists_models_licences_and_install_state():
     out = subprocess.run([sys.executable, "-m", "fewtune", "models"], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "COLUMNS": "200"})
@@ -97,6 +98,7 @@ def test_device_map_allowed_for_frozen_base(method):
     assert resolve(RunConfig(method=method, device_map="auto")).device_map == "auto"
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_bad_values_exit_2_without_traceback(tmp_path):
     for bad in ("model_dtype=fp8", "attn_implementation=flash", "device_map=auto"):
         out = subprocess.run([sys.executable, "-m", "fewtune", "run", "--model", "tiny-random", "--method", "vanilla",
@@ -209,6 +211,7 @@ def test_run_records_model_load_and_resolved_dtype(tmp_path, data_dir):
     assert np.isfinite(m["eval"]["dev"]["accuracy"]) if "dev" in m["eval"] else m["eval"]
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_sizes_preset_dry_run_through_the_cli(tmp_path, data_dir):
     if not all(m.installed() for m in embedded.MODELS.values()):
         pytest.skip("both embedded models must be installed (scripts/setup.sh)")

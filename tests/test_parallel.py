@@ -21,6 +21,8 @@ from test_executors import _per_run
 
 from fewtune.study.store import Store
 
+pytestmark = pytest.mark.slow  # the real CLI in subprocesses: not in the fast tier
+
 TESTS = Path(__file__).resolve().parent
 TINY = {"name": "tiny", "model": "tiny-random", "n": 2, "seed": [0, 1], "eval_limit": 8, "eval_batch_size": 8,
         "train": {"max_steps": 2, "batch_size": 4}, "task": "cola", "methods": ["icl", "vanilla"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install fewtune[ray])")
+pytestmark = pytest.mark.slow  # a cluster of processes: not in the fast tier
 
 import executor_runners as runners  # noqa: E402
 import ray_runners  # noqa: E402

@@ -20,6 +20,8 @@ from test_report_which import _tradeoff_study
 
 from fewtune.report import write_report
 
+pytestmark = pytest.mark.slow  # a headless browser in a subprocess: not in the fast tier
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PROBE = """<script>
 window.__errors = [];

@@ -85,6 +85,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fewtune", "export", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_export_csv_and_jsonl_through_the_cli(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs.csv"
     r = _cli(str(study), "--out", str(out))
@@ -99,6 +100,7 @@ def test_export_csv_and_jsonl_through_the_cli(study: Path, tmp_path: Path) -> No
     assert len(rows) == len(want) and {r["status"] for r in rows} == {"done", "failed", "pending"}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_export_never_overwrites_silently(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "mine.csv"
     out.write_text("my own notes\n")
@@ -109,6 +111,7 @@ def test_export_never_overwrites_silently(study: Path, tmp_path: Path) -> None:
     assert out.read_text().startswith("run_id,")
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_export_parquet(study: Path, tmp_path: Path) -> None:
     r = _cli(str(study), "--format", "parquet", "--out", str(tmp_path / "runs.parquet"))
     if importlib.util.find_spec("pyarrow") is None:

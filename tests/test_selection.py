@@ -118,6 +118,7 @@ def test_a_study_does_not_sweep_the_candidates(tmp_path):
     ("{params.r: [-1, 4]}", "candidate"),
     ("{train.lr: []}", "no candidate values"),
 ])
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_bad_selection_is_a_usage_error_before_any_work(tmp_path, select, needle):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "fewtune", "run", "--model", "tiny-random", "--method", "lora",

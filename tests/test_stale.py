@@ -73,6 +73,7 @@ def test_edited_task_file_makes_its_runs_stale_but_not_others(tmp_path):
     assert stale.records[0].task == str(task_dir / "t.yaml")
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_cli_refuses_to_resume_stale_study_and_dry_run_reports_it(tmp_path, data_dir):
     """Simulate runs finished by an older fewtune: their stored identity names another version."""
     cfg = tmp_path / "study.yaml"

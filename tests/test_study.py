@@ -334,6 +334,7 @@ def _available(methods: list[str]) -> list[str]:
     return [m for m in methods if m in METHODS]
 
 
+@pytest.mark.slow  # each run in its own process (the default executor): not in the fast tier
 def test_tiny_study_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     from fewtune.report import write_report
 
@@ -367,6 +368,7 @@ def _db_done(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_kill_9_mid_study_then_resume(tmp_path: Path, data_dir: Path) -> None:
     """SIGKILL the study process once ≥ 1 run is recorded, re-run: every run done exactly once."""
     methods = _available(["icl", "vanilla"])

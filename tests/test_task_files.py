@@ -92,6 +92,7 @@ def _toy(tmp_path: Path, files: str) -> Path:
     return p
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_missing_column_names_file_columns_and_closest(tmp_path: Path, data_dir: Path) -> None:
     _hans_style_gz(data_dir, tmp_path / "hans_style.tsv.gz", per_cell=1)
     ood = """\
@@ -127,6 +128,7 @@ def _fewtune(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-m", "fewtune", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_issue_scenario_runs_through_the_cli(tmp_path: Path, data_dir: Path) -> None:
     """Binary MNLI + a gzipped HANS-style OOD file with other column names, no preprocessing:
     the run works and the heuristic reaches the metrics and every prediction."""
@@ -144,6 +146,7 @@ def test_issue_scenario_runs_through_the_cli(tmp_path: Path, data_dir: Path) -> 
     assert all("heuristic" not in p.get("groups", {}) for p in preds if p["eval_set"] == "mnli-m")
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_show_prints_a_template_that_loads_as_the_builtin(tmp_path: Path, data_dir: Path) -> None:
     res = _fewtune("tasks", "--show", "mnli", data_dir=data_dir, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("#") and "breakdown_field: heuristic" in res.stdout

@@ -65,6 +65,7 @@ def _tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # starts processes: not in the fast tier
 def test_a_run_logged_to_tensorboard_and_mlflow_reads_back(tmp_path, data_dir, monkeypatch):
     """Through the CLI: the learning curve and final metrics, under the run id, in both stores;
     the run id and config.yaml as without trackers."""
