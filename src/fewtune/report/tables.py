@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,9 +104,16 @@ def warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
                    f"{counts['pending'] + counts['running']} not run yet. Statistics cover finished runs only.")
     if data.other_runs:
         out.append(f"{data.other_runs} runs in this directory belong to an earlier version of the study config and are not reported.")
+    if data.other_code_runs:
+        out.append(f"{data.other_code_runs} runs in this directory were made by another fewtune code version (its configs "
+                   "resolve differently now) and are not reported.")
     if data.stale_runs:
-        out.append(f"{data.stale_runs} runs in this directory are stale (made by another fewtune version, task file, model "
-                   "or device) and are not reported; their current counterparts are.")
+        out.append(f"{data.stale_runs} runs in this directory are stale (made by another code or library version, task file, "
+                   "model, device, thread or process count) and are not reported; their current counterparts are.")
+    kept = Counter(r.kept_stale for r in data.frame.drop_duplicates("run_id").itertuples() if isinstance(r.kept_stale, str))
+    if kept:
+        out.append("Kept with --keep-stale, computed by other code or library versions than the rest: "
+                   + "; ".join(f"{k} runs by {v}" for v, k in sorted(kept.items())) + " (column kept_stale of csv/runs.csv).")
     seen_sets = {}
     for r in data.rows:
         if r.warning and r.eval_set not in seen_sets:

@@ -32,6 +32,7 @@ from fewtune.config import RunConfig
 from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
 from fewtune.methods import METHODS, Method, Predictions, RunContext
 from fewtune.models.loading import load_model, resolve_precision
+from fewtune.run.identity import provenance
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.selection import select_values, with_values
@@ -165,6 +166,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, *, data_dir: Pat
         "pattern": pattern.name,
         "max_context_effective": run_cfg.max_context,
         "identity": cfg.identity.model_dump(mode="json") if cfg.identity else None,
+        "provenance": provenance(),  # version, git commit, dirty flag: metadata, not in the run id
         "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
         "eval": {},
         "curve": (train_summary or {}).get("curve", []),

@@ -46,7 +46,8 @@ from fewtune.overrides import (
 )
 from fewtune.registry import closest, unknown_hint
 
-STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources")
+STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources", "threads")
+DEFAULT_THREADS = 1  # torch threads per run when neither the study nor --threads says (see StudyConfig.threads)
 RESOURCE_KEYS = ("cpus", "gpus")  # per run, for executors that schedule them (ray)
 RUN_KEYS = tuple(RunConfig.model_fields)
 TASK_ENTRY_EXTRA = ("task",)
@@ -68,6 +69,12 @@ class StudyConfig:
     source: str = ""  # where it was loaded from (preset name or path)
     claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.stats.claims), tested by the report
     resources: dict[str, float] | None = None  # per run, e.g. {"cpus": 2, "gpus": 0.25}: where runs go, not what they compute
+    # torch threads of every run, whatever executes it and however many at once: on CPU the thread
+    # count changes the numbers (it is in each run's identity), so it is fixed per study and
+    # recorded; None: --threads, else what the study recorded, else DEFAULT_THREADS (1: the same
+    # numbers on every machine whatever its core count, and no oversubscription with --parallel).
+    threads: int | None = None
+    threads_from: str = "the study config"  # who set ``threads`` (for messages): the config or --threads
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""
@@ -81,6 +88,8 @@ class StudyConfig:
             out["methods"] = self.methods
         if self.resources:
             out["resources"] = self.resources
+        if self.threads is not None:
+            out["threads"] = self.threads
         if self.claims:
             out["claims"] = self.claims
         return out
@@ -165,7 +174,17 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,
-                       resources=_resources(data.get("resources"), where))
+                       resources=_resources(data.get("resources"), where), threads=_threads(data.get("threads"), where))
+
+
+def _threads(value: Any, where: str) -> int | None:
+    """``threads: 1``: the torch threads every run computes with (``StudyConfig.threads``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: 'threads' must be a whole number ≥ 1 (torch threads per run), got {value!r}",
+                          "e.g. threads: 1 (one value for the whole study: it is part of every run's identity)")
+    return value
 
 
 def _resources(value: Any, where: str) -> dict[str, float] | None:
