@@ -96,17 +96,14 @@ def register(app: typer.Typer) -> None:
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
-        if requested_threads():  # --threads outranks the study's key, and must agree with what it recorded
-            study.threads, study.threads_from = requested_threads(), "--threads"
-        study.threads = study_threads(study, out)
+        study.threads = study_threads(study, out, requested_threads())
         options = {"ray_address": ray_address} if ray_address else {}
         if study.resources and executor == "ray":  # other executors run where they are: nothing to ask for
             options["resources"] = study.resources
         runs_in = make_executor(executor, **options)
         check_parallel(runs_in, parallel)
         planned = expand(study)
-        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned],
-                            rerun_stale=rerun_stale or dry_run, keep_stale=keep_stale and not dry_run)
+        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run, keep_stale=keep_stale and not dry_run)
         if dry_run:
             out_console = Console()
             for p in planned:
@@ -116,8 +113,7 @@ def register(app: typer.Typer) -> None:
             return
         check_study_dir(out)
         if stale:
-            console.print(f"[yellow]{escape(stale.message())}[/yellow]: " + ("keeping them (--keep-stale)" if keep_stale else
-                                                                             "running them again under the current identity"))
+            console.print(f"[yellow]{escape(stale.message())}[/yellow]: " + ("keeping them (--keep-stale)" if keep_stale else "running them again under the current identity"))
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,

@@ -52,11 +52,13 @@ def recorded_threads(out_dir: Path) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def study_threads(study: StudyConfig, out_dir: Path) -> int:
-    """The torch threads of every run of ``study`` in ``out_dir``: the study's own (its
-    ``threads`` key or ``--threads``), else what the directory recorded, else
-    ``DEFAULT_THREADS``. A study is never resumed with another count: on CPU the numbers depend
-    on it, so its runs would mix (or all run again under new ids) — a usage error instead."""
+def study_threads(study: StudyConfig, out_dir: Path, requested: int | None = None) -> int:
+    """The torch threads of every run of ``study`` in ``out_dir``: ``requested`` (``--threads``),
+    else the study's ``threads`` key, else what the directory recorded, else ``DEFAULT_THREADS``.
+    A study is never resumed with another count: on CPU the numbers depend on it, so its runs
+    would mix (or all run again under new ids) — a usage error instead."""
+    if requested:
+        study.threads, study.threads_from = requested, "--threads"
     recorded = recorded_threads(out_dir)
     if recorded is not None and study.threads is not None and study.threads != recorded:
         raise ConfigError(

@@ -106,14 +106,21 @@ class StaleRuns:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __bool__(self) -> bool:
+        return bool(self.records or self.other_code)
+
     def message(self) -> str:
-        what = describe_changes(self.changes)
-        return f"{len(self)} runs are stale: their results come from " + (what or "another identity")
+        parts = []
+        if self.records:
+            parts.append(f"{len(self)} runs are stale: their results come from " + (describe_changes(self.changes) or "another identity"))
+        if self.other_code:
+            parts.append(self.other_code_message())
+        return "; ".join(parts)
 
     def other_code_message(self) -> str:
         return (f"{len(self.other_code)} runs in this directory were made by "
                 f"{describe_changes(self.other_code_changes) or 'another fewtune code version'}, under configs the "
-                "current code no longer resolves to")
+                "current code no longer resolves to (not reported)")
 
 
 def stale_runs(records: Iterable[RunRecord], planned: Iterable[tuple[str, dict]]) -> StaleRuns:
@@ -189,7 +196,7 @@ def guard_stale(study_dir: Path, planned: Iterable[tuple[str, dict]], *, rerun_s
         raise ConfigError("--rerun-stale and --keep-stale contradict each other", "choose one")
     stale, kept = read_in_study(study_dir, planned)
     open_ = stale if rerun_stale else undecided(stale, kept)
-    if open_ and not (rerun_stale or keep_stale):
+    if open_.records and not (rerun_stale or keep_stale):
         raise ConfigError(
             f"{open_.message()}; the report leaves them out",
             "run them again under the current identity with --rerun-stale (the old results stay in the database, "
