@@ -110,3 +110,15 @@ def test_cli_resume_with_another_parallel_keeps_ids_and_threads_and_refuses_othe
     assert len(rows) == 4 and {r.status for r in rows} == {"done"}
     assert {r.metrics["threads"] for r in rows} == {2}
     assert {r.config["identity"]["threads"] for r in rows} == {2}
+
+
+def test_ray_tasks_get_the_study_threads_and_reserve_as_many_cpus():
+    pytest.importorskip("ray")
+    from fewtune.study.ray_executor import RayExecutor
+
+    ex = RayExecutor(threads_runner)  # constructing it starts no cluster
+    ex.start(parallel=2, threads=3)
+    assert ex._threads == 3 and ex.resources["cpus"] == 3  # not resources.cpus // parallel, not 1
+    given = RayExecutor(threads_runner, resources={"cpus": 1})
+    given.start(parallel=1, threads=3)
+    assert given._threads == 3 and given.resources["cpus"] == 1  # the study's resources stay as written

@@ -2,7 +2,7 @@
 expanded from one YAML file, executed with progress, stored durably and resumable after any crash.
 
 A study config is a YAML mapping. Top-level keys are either study keys (``name``, ``description``,
-``tasks``, ``methods``) or run parameters — any field of ``RunConfig`` (``model``, ``n``, ``seed``,
+``tasks``, ``methods``, ``claims``, ``resources``, ``threads``) or run parameters — any field of ``RunConfig`` (``model``, ``n``, ``seed``,
 ``eval_limit``, ``train: {lr: …}``, ``params: {…}``, …). A run parameter can be set for the whole
 study, per task entry, or per method entry, and any value given as a list is swept::
 
@@ -20,6 +20,10 @@ study, per task entry, or per method entry, and any value given as a list is swe
 A field whose value is itself a list (``eval_sets``, a list-typed method parameter) is swept by a
 list of lists. Precedence, lowest first: study → task entry → method entry → ``--set`` overrides
 (``--set train.max_steps=2`` for all runs, ``--set lora:params.r=8`` for one method).
+
+``threads`` (one value for the whole study, default 1) is the torch thread count every run computes
+with, whatever executes it and however many run at once; on CPU it is part of each run's identity,
+so it is recorded in ``study.db`` and a resume with another value is refused (docs/identity.md).
 
 Each run's identity is the content hash of its *resolved* config (every default filled in), so the
 same run reached from two entries is run once, and re-running a study skips what is done
