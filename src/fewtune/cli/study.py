@@ -14,7 +14,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from fewtune.atomic import ensure_writable_dir
-from fewtune.cli.options import import_torch, requested_threads, set_threads, threads_option
+from fewtune.cli.options import (
+    import_torch,
+    requested_threads,
+    set_threads,
+    threads_option,
+)
 from fewtune.errors import ConfigError, Interrupted
 
 
