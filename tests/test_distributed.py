@@ -111,7 +111,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     assert two.stdout.count("results in") == 1
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", tmp_path / "out" / "two"))
     assert b["resources"]["processes"] == 2 and a["resources"]["processes"] == 1
-    assert a["run_id"] == b["run_id"]  # the number of processes is not part of the run's identity
+    # the process count is in the identity above 1 (dropout masks are drawn per process)
+    assert a["run_id"] != b["run_id"] and b["identity"]["processes"] == 2 and "processes" not in a["identity"]
     assert b["train"]["steps"] == a["train"]["steps"] == 8 and b["train"]["examples"] == 15
     assert b["train"]["loss_history"] == pytest.approx(a["train"]["loss_history"], abs=1e-5)
     assert b["train"]["epoch_losses"] == pytest.approx(a["train"]["epoch_losses"], abs=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,21 +42,96 @@ def _id(**kw) -> str:
 def test_identity_block_is_filled_by_resolve():
     cfg = resolve(RunConfig(task="cola", method="icl"))
     assert cfg.identity is not None
-    assert cfg.identity.fewtune_version == identity.fewtune_version()
+    assert cfg.identity.code_digest == identity.code_digest() == identity.package_digest(identity.PACKAGE_DIR)
+    assert set(cfg.identity.libraries) == {"torch", "transformers", "peft", "accelerate"}
+    assert cfg.identity.libraries["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
     assert cfg.identity.device == "cpu" and cfg.identity.precision in ("bf16", "fp32")
-    assert cfg.identity.task_digest is None  # built-in task: pinned by the version
+    assert cfg.identity.task_digest is None  # built-in task: pinned by the code
+    assert cfg.identity.fewtune_version is None and cfg.identity.git_commit is None  # metadata, not identity
 
 
-def test_version_changes_the_run_id(monkeypatch):
+def _package_copy(tmp_path: Path) -> Path:
+    """A copy of the repository's layout: src/fewtune (the package), README.md, tests/."""
+    root = tmp_path / "repo"
+    shutil.copytree(identity.PACKAGE_DIR, root / "src" / "fewtune", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "README.md").write_text("# fewtune\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_x.py").write_text("def test_x():\n    pass\n")
+    return root / "src" / "fewtune"
+
+
+def test_code_digest_covers_the_package_files_and_nothing_else(tmp_path):
+    pkg = _package_copy(tmp_path)
+    before = identity.package_digest(pkg)
+    assert before == identity.code_digest()  # the copy is the code this test runs
+    (pkg.parents[1] / "README.md").write_text("# fewtune, better explained\n")  # README-only change
+    (pkg.parents[1] / "tests" / "test_x.py").write_text("def test_x():\n    assert True\n")  # test-only change
+    (pkg / "__pycache__").mkdir(exist_ok=True)
+    (pkg / "__pycache__" / "x.cpython-312.pyc").write_bytes(b"compiled")  # caches and backups do not count
+    (pkg / "config.py~").write_text("an editor backup")
+    (pkg / ".config.py.swp").write_text("an editor swap file")
+    assert identity.package_digest(pkg) == before
+    training = pkg / "training" / "loop.py"
+    training.write_text(training.read_text() + "\n# an uncommitted edit\n")  # an edit under src/fewtune
+    edited = identity.package_digest(pkg)
+    assert edited != before
+    task = pkg / "tasks" / "builtin" / "cola.yaml"
+    task.write_text(task.read_text() + "\n")  # package data computes results too
+    assert identity.package_digest(pkg) not in (before, edited)
+
+
+def test_code_digest_and_library_versions_change_the_run_id(monkeypatch):
+    before = _id(task="cola", method="icl")
+    monkeypatch.setattr(identity, "code_digest", lambda: "f" * 16)
+    code = _id(task="cola", method="icl")
+    assert code != before
+    upgraded = {**identity.library_versions(), "transformers": "99.0"}  # pip install -U transformers
+    monkeypatch.setattr(identity, "library_versions", lambda: upgraded)
+    assert _id(task="cola", method="icl") not in (before, code)
+
+
+def test_version_and_commit_are_metadata_outside_the_run_id(monkeypatch):
     before = _id(task="cola", method="icl")
     monkeypatch.setattr(identity, "fewtune_version", lambda: "99.0")
-    assert _id(task="cola", method="icl") != before
-
-
-def test_commit_changes_the_run_id(monkeypatch):
-    before = _id(task="cola", method="icl")
     monkeypatch.setattr(identity, "git_commit", lambda: "f" * 40)
-    assert _id(task="cola", method="icl") != before
+    assert _id(task="cola", method="icl") == before
+    prov = identity.provenance()
+    assert prov["fewtune_version"] == "99.0" and prov["git_commit"] == "f" * 40 and prov["code_digest"] == identity.code_digest()
+
+
+def test_an_identity_from_before_code_digest_still_loads():
+    old = {"fewtune_version": "0.1.0", "git_commit": "a" * 40, "task_digest": None, "model_digest": None, "device": "cpu",
+           "precision": "fp32"}
+    cfg = RunConfig.model_validate({"task": "cola", "identity": old})
+    assert cfg.result_dump()["identity"] == old  # and dumps (hashes) exactly as it was written
+
+
+@pytest.mark.parametrize("spelling", ["tiny-random:", "tiny-random:llama"])
+def test_tiny_random_names_are_normalised_before_hashing(spelling):
+    base = resolve(RunConfig(task="cola", method="icl", model="tiny-random"))
+    other = resolve(RunConfig(task="cola", method="icl", model=spelling))
+    assert other.model == "tiny-random" and other.content_hash() == base.content_hash()
+    assert _id(task="cola", method="icl", model="tiny-random:qwen2") != base.content_hash()
+
+
+def test_cpu_thread_count_is_in_the_identity_but_not_on_a_gpu(monkeypatch):
+    cfg = RunConfig(task="cola", method="icl")
+    one, two = resolve(cfg, threads=1), resolve(cfg, threads=2)
+    assert (one.identity.threads, two.identity.threads) == (1, 2) and one.content_hash() != two.content_hash()
+    monkeypatch.setattr(identity, "_device_precision", lambda req: ("cuda", "bf16"))
+    gpu1, gpu2 = resolve(cfg, threads=1), resolve(cfg, threads=2)
+    assert gpu1.identity.threads is None and gpu1.content_hash() == gpu2.content_hash()
+
+
+def test_data_parallel_process_count_is_in_the_identity_above_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    alone = resolve(RunConfig(task="cola", method="lora"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve(RunConfig(task="cola", method="lora")).content_hash() == alone.content_hash()
+    assert "processes" not in alone.result_dump()["identity"]  # omitted at 1: single-process ids stay
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = resolve(RunConfig(task="cola", method="lora"))
+    assert two.identity.processes == 2 and two.content_hash() != alone.content_hash()
 
 
 def test_resolved_precision_and_device_change_the_run_id(monkeypatch):
@@ -145,10 +221,11 @@ def test_config_yaml_hashes_to_the_run_id_even_when_the_context_is_clipped(tmp_p
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert stored["max_context"] == 4096 and metrics["max_context_effective"] == 2048
     assert _hash_yaml(tmp_path / "run" / "config.yaml") == metrics["run_id"] == res.metrics["run_id"]
-    assert metrics["identity"] == stored["identity"] and stored["identity"]["fewtune_version"]
+    assert metrics["identity"] == stored["identity"] and stored["identity"]["code_digest"] == identity.code_digest()
+    assert metrics["provenance"]["fewtune_version"] == identity.fewtune_version()  # metadata beside the identity
 
 
-@pytest.mark.parametrize("given", [None, {"fewtune_version": "0.0.1", "device": "tpu", "precision": "fp8"}])
+@pytest.mark.parametrize("given", [None, {"code_digest": "0" * 16, "device": "tpu", "precision": "fp8"}])
 def test_identity_is_recomputed_whatever_the_config_says(given):
     cfg = resolve(RunConfig.model_validate({"task": "cola", "identity": given}))
-    assert cfg.identity.fewtune_version == identity.fewtune_version() and cfg.identity.device == "cpu"
+    assert cfg.identity.code_digest == identity.code_digest() and cfg.identity.device == "cpu"

@@ -30,7 +30,7 @@ SLOW = {"name": "slow", "model": "tiny-random", "task": "cola", "seed": [0, 1, 2
 # Every interpreter the CLI starts (the study's, the fork server, the runs') runs this first: the
 # runs become executor_runners.slow_logged (seconds long, logged), not real training.
 SLOW_RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-               "import executor_runners, fewtune.run.runner\nfewtune.runner.run_experiment = executor_runners.slow_logged\n")
+               "import executor_runners, fewtune.run.runner\nfewtune.run.runner.run_experiment = executor_runners.slow_logged\n")
 
 
 def _env(data_dir: Path, site: str | None = None, **extra: str) -> dict[str, str]:
@@ -136,4 +136,4 @@ def test_interrupted_and_killed_parallel_study_resumes_without_loss_or_duplicate
     completed = Counter(r for k, r, _ in _events(out) if k == "end")
     assert max(completed.values()) == 1  # no run completed twice
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(r.run_id for r in rows)
-    assert {r.metrics["threads"] for r in rows} == {1}  # --threads 2 shared by 2 runs at once
+    assert {r.metrics["threads"] for r in rows} == {2}  # --threads 2 per run, however many run at once

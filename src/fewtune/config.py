@@ -128,19 +128,26 @@ class Selection(StrictModel):
 
 
 class RunIdentity(StrictModel):
-    """What the result depends on besides the config (see ``fewtune.run.identity``): filled in by
-    ``resolve``, hashed with the config, stored in ``config.yaml``. Never set it by hand —
-    ``resolve`` recomputes it."""
+    """What the result depends on besides the config (see ``fewtune.run.identity`` and
+    docs/identity.md): filled in by ``resolve``, hashed with the config, stored in ``config.yaml``.
+    Never set it by hand — ``resolve`` recomputes it."""
 
-    fewtune_version: str
+    # Before code_digest: the version and the git commit were hashed. Kept readable for the
+    # config.yaml of old runs; new identities leave them out (metadata: metrics.json provenance).
+    fewtune_version: str | None = None
     git_commit: str | None = None
+    code_digest: str | None = Field(None, description="sha256 of the fewtune package's files (src/fewtune)")
+    libraries: dict[str, str] = Field(default_factory=dict, description="versions of torch, transformers, peft, accelerate")
     task_digest: str | None = None
     model_digest: str | None = None
     device: str
     precision: str
     model_dtype: str = Field("fp32", description="the weights' dtype model_dtype resolved to on this device")
+    threads: int | None = Field(None, description="torch CPU threads the run computed with (CPU runs only)")
+    processes: int | None = Field(None, description="data-parallel processes, when more than one")
 
-    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "fp32"}  # fp32: the weights before the key existed
+    omit_when: ClassVar[dict[str, Any]] = {"model_dtype": "fp32", "fewtune_version": None, "git_commit": None,
+                                           "code_digest": None, "libraries": {}, "threads": None, "processes": None}
 
 
 class RunConfig(StrictModel):

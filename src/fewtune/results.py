@@ -10,6 +10,7 @@ metrics file). The database is opened read-only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,7 @@ from fewtune.errors import ConfigError, DataError
 RUN_COLUMNS = ["run_id", "status", "model", "task", "method", "arm", "params", "n", "n_applies", "seed", "eval_set", "domain",
                "accuracy", "mcc", "majority_baseline", "majority_label", "n_eval", "n_skipped", "peak_memory_mb", "memory_kind",
                "trainable_params", "total_params", "train_seconds", "eval_seconds", "collapsed", "warning", "selection", "error",
-               "run_dir"]
+               "run_dir", "kept_stale"]
 _INT_COLUMNS = ("n", "seed", "n_eval", "n_skipped", "trainable_params", "total_params")
 _DICT_FIELDS = ("per_label", "groups")  # nested per-label/per-group metrics: in metrics.json, not in the flat table
 
@@ -42,6 +43,7 @@ class RunFiles:
     run_dir: Path | None
     error: str | None = None
     attempts: int = 0
+    kept_for: str | None = None  # a stale run kept (--keep-stale) in place of this planned run id
 
 
 @dataclass
@@ -59,6 +61,7 @@ def read_study(study_dir: Path | str) -> StudyIndex:
     d = Path(study_dir)
     if not (d / "study.db").is_file():
         raise ConfigError(f"{d} is not a study directory (no study.db)", "pass the --out directory of `fewtune study`")
+    from fewtune.study.stale import kept_stale
     from fewtune.study.store import (  # the one place that reads the study database
         Store,
         rebuild_hint,
@@ -69,13 +72,21 @@ def read_study(study_dir: Path | str) -> StudyIndex:
             meta = json.loads(store.get_meta("study") or "{}")
             ids_json = store.get_meta("study_run_ids")
             records = store.runs()
+            kept = kept_stale(store)
         except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError) as e:
             raise DataError(f"the study database {store.path} is damaged: {e}", rebuild_hint(d)) from None
     planned = records
     if ids_json:  # only the current plan's runs: never results of another identity or config
         wanted = set(json.loads(ids_json))
         planned = [r for r in records if r.run_id in wanted]
-    runs = [_from_record(d, r) for r in planned]
+    by_id = {r.run_id: r for r in records}
+    runs = []
+    for r in planned:  # a planned run not done whose stale counterpart the user kept: the kept one
+        old = by_id.get(kept.get(r.run_id, ""))
+        if r.status != "done" and old is not None and old.status == "done":
+            runs.append(dataclasses.replace(_from_record(d, old), kept_for=r.run_id))
+        else:
+            runs.append(_from_record(d, r))
     return StudyIndex(d, meta, runs, records)
 
 
@@ -169,7 +180,7 @@ def _run_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
         common = {"status": r.status, "params": json.dumps(r.config.get("params") or {}, sort_keys=True),
                   "n_applies": applies[str(r.config.get("method"))], "error": (r.error or "").splitlines()[0] if r.error else None,
                   "selection": _selection_cell((r.metrics or {}).get("selection")),
-                  "run_dir": str(r.run_dir) if r.run_dir else None}
+                  "run_dir": str(r.run_dir) if r.run_dir else None, "kept_stale": _kept_note(r)}
         for row in by_run.get(r.run_id, []):
             d = {k: v for k, v in asdict(row).items() if k not in _DICT_FIELDS}
             out.append({**d, **common})
@@ -181,12 +192,22 @@ def _run_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
     return out
 
 
+def _kept_note(r: RunFiles) -> str | None:
+    """For a stale run kept in place of a planned one: the code and libraries that produced it."""
+    if r.kept_for is None:
+        return None
+    from fewtune.study.stale import produced_by
+
+    return produced_by(r.config, (r.metrics or {}).get("provenance"))
+
+
 def load_runs(source: Path | str | Sequence[Path | str]) -> pd.DataFrame:
     """One row per run × eval set, failed and pending runs included (``status``; their metrics empty).
 
     ``source``: a study directory (``fewtune study --out``) or run directories. Columns: ``RUN_COLUMNS``
     (``n_applies`` False: the method ignores n, e.g. zero-shot; ``selection``: the hyper-parameters a
-    selection rule chose, JSON). Plan order is kept."""
+    selection rule chose, JSON; ``kept_stale``: for a run of another identity kept with
+    ``fewtune study --keep-stale``, the code and library versions that produced it). Plan order is kept."""
     frame = pd.DataFrame(_run_rows(collect(source))).reindex(columns=RUN_COLUMNS)
     # Counts stay integers where failed runs leave them empty (nullable Int64, not float).
     return frame.astype({c: "Int64" for c in _INT_COLUMNS})

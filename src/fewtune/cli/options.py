@@ -11,8 +11,9 @@ from typing import Any
 
 import typer
 
-THREADS_HELP = ("torch CPU threads (default: one per core; on a machine shared with other jobs, 1 avoids "
-                "OpenMP threads waiting on each other, which was up to 10× slower here)")
+THREADS_HELP = ("torch CPU threads (run: default one per core; study: per run, default the study's 'threads:' key, "
+                "else what the study recorded, else 1 — fixed per study, as CPU results depend on it; on a machine "
+                "shared with other jobs, 1 avoids OpenMP threads waiting on each other, which was up to 10× slower here)")
 
 
 def threads_option() -> Any:
@@ -30,6 +31,11 @@ def set_threads(threads: int | None) -> None:
     global _threads
     if threads:
         _threads = threads
+
+
+def requested_threads() -> int | None:
+    """The ``--threads`` (or ``FEWTUNE_THREADS``) given to this command, if any."""
+    return _threads
 
 
 @contextmanager

@@ -14,7 +14,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from fewtune.atomic import ensure_writable_dir
-from fewtune.cli.options import import_torch, set_threads, threads_option
+from fewtune.cli.options import (
+    import_torch,
+    requested_threads,
+    set_threads,
+    threads_option,
+)
 from fewtune.errors import ConfigError, Interrupted
 
 
@@ -43,7 +48,8 @@ def print_summary(outcome: Any, console: Console) -> None:
     console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
                   f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
                   + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
-                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
+                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else "")
+                  + (f", {outcome.kept} kept from other code/library versions (--keep-stale)" if outcome.kept else ""))
     console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
                   f"{c.get('pending', 0)} pending")
 
@@ -57,7 +63,11 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="study directory (created; re-use it to resume)"),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed runs again"),
         rerun_stale: bool = typer.Option(
-            False, "--rerun-stale", help="run again the runs whose results come from another fewtune version/task file/model/device"),
+            False, "--rerun-stale", help="run again the runs whose results come from another code/library version, task file, "
+                                         "model, device, thread or process count (docs/identity.md)"),
+        keep_stale: bool = typer.Option(
+            False, "--keep-stale", help="keep such results instead of running them again; the report marks which code and "
+                                        "library versions produced them"),
         limit: Optional[int] = typer.Option(None, "--limit", help="execute at most N runs in this call"),
         set_: Optional[list[str]] = typer.Option(
             None, "--set", help="override a run parameter for all runs (train.max_steps=2) or one method (lora:params.r=8); a list sweeps"),
@@ -73,7 +83,7 @@ def register(app: typer.Typer) -> None:
                  "pip install fewtune[ray])"),
         parallel: int = typer.Option(
             1, "--parallel", help="run up to N runs at once (subprocess: local processes; ray: the cluster decides "
-                                  "within the limit; each local run gets threads/N torch threads)"),
+                                  "within the limit; every run computes with the study's threads, so N runs use N × threads)"),
         ray_address: Optional[str] = typer.Option(
             None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
                                         "default: start a local one"),
@@ -85,15 +95,17 @@ def register(app: typer.Typer) -> None:
         """Run a study (a grid of runs) into OUT; re-running resumes where it stopped."""
         from rich.markup import escape
 
-        from fewtune.run.identity import guard_stale
         from fewtune.study import expand, load_study, make_executor, run_study
+        from fewtune.study.execute import study_threads
         from fewtune.study.executor import check_parallel
         from fewtune.study.pack import check_pack
+        from fewtune.study.stale import guard_stale
 
         set_threads(threads)
         import_torch()  # first: expanding a study imports the methods (and torch); see import_torch
         console = Console(stderr=True)
         study = load_study(config, set_ or [], seeds=seeds, n=n)
+        study.threads = study_threads(study, out, requested_threads())
         options = {"ray_address": ray_address} if ray_address else {}
         if study.resources and executor == "ray":  # other executors run where they are: nothing to ask for
             options["resources"] = study.resources
@@ -101,7 +113,7 @@ def register(app: typer.Typer) -> None:
         check_parallel(runs_in, parallel)
         check_pack(pack if pack is not None else study.pack, runs_in.name)
         planned = expand(study)
-        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run)
+        stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run, keep_stale=keep_stale and not dry_run)
         if dry_run:
             out_console = Console()
             for p in planned:
@@ -111,11 +123,12 @@ def register(app: typer.Typer) -> None:
             return
         check_study_dir(out)
         if stale:
-            console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
+            console.print(f"[yellow]{escape(stale.message())}[/yellow]: " + ("keeping them (--keep-stale)" if keep_stale else "running them again under the current identity"))
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")
         try:
             outcome = run_study(study, out, retry_failed=retry_failed, limit=limit, data_dir=data_dir,
-                                console=console, planned=planned, executor=runs_in, parallel=parallel, pack=pack)
+                                console=console, planned=planned, executor=runs_in, parallel=parallel, pack=pack,
+                                rerun_stale=rerun_stale, keep_stale=keep_stale)
         except KeyboardInterrupt:
             raise Interrupted("finished runs are kept; re-run the same command to resume where it stopped") from None
         print_summary(outcome, console)

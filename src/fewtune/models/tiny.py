@@ -53,6 +53,14 @@ def is_tiny(spec: str) -> bool:
     return spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":")
 
 
+def canonical_name(spec: str) -> str:
+    """One name per tiny model, so that one model never runs under two run ids: ``tiny-random:``
+    and ``tiny-random:llama`` are ``tiny-random`` (its name before families existed)."""
+    if is_tiny(spec) and (spec.partition(":")[2] or DEFAULT_FAMILY) == DEFAULT_FAMILY:
+        return TINY_PREFIX
+    return spec
+
+
 def family_of(spec: str) -> str:
     """``tiny-random[:family]`` → the family; a ConfigError naming the choices if unknown."""
     family = spec.partition(":")[2] or DEFAULT_FAMILY

@@ -32,7 +32,9 @@ class StudyData:
     rows: list[st.EvalRow]  # finished runs × eval sets
     breakdown: dict[str, dict[tuple[str, str], tuple[int, int]]] = field(default_factory=dict)  # run id → (group, gold) → (correct, n)
     other_runs: int = 0  # runs in the database that the current study config no longer lists
-    stale_runs: int = 0  # runs of the current config made under another identity (version, task file, model, device)
+    stale_runs: int = 0  # runs of the current config made under another identity (code, libraries, task file, model, device…)
+    other_code_runs: int = 0  # unplanned runs made by another code version (not blamed on the study config)
+    other_code: str = ""  # which code version made them (fewtune.study.stale.describe_changes)
     overrides: list[str] = field(default_factory=list)  # --set overrides of the last `fewtune study` call
     scores: dict[str, dict[str, Scores]] = field(default_factory=dict)  # run id → eval set → per-example outcomes
     claims: list[ClaimSpec] = field(default_factory=list)  # declared by the study config (study.yaml)
@@ -53,12 +55,15 @@ def load_study_data(study_dir: Path | str) -> StudyData:
     d = Path(study_dir)
     index = results.read_study(d)
     frame = results.load_runs(d)
-    from fewtune.run.identity import stale_runs
+    from fewtune.study.stale import describe_changes, stale_runs
 
-    stale = len(stale_runs(index.all_records, [(r.run_id, r.config) for r in index.runs]))
+    found = stale_runs(index.all_records, [(r.kept_for or r.run_id, r.config) for r in index.runs])
+    kept = {r.run_id for r in index.runs if r.kept_for}
+    stale, code = len([r for r in found.records if r.run_id not in kept]), len(found.other_code)
     meta = index.meta
     data = StudyData(d, meta.get("name", d.name), meta.get("description", ""), meta.get("source", ""), index.runs, frame,
-                     results.to_eval_rows(frame), other_runs=len(index.all_records) - len(index.runs) - stale, stale_runs=stale,
+                     results.to_eval_rows(frame), other_runs=len(index.all_records) - len(index.runs) - stale - code - len(kept),
+                     stale_runs=stale, other_code_runs=code, other_code=describe_changes(found.other_code_changes),
                      overrides=list(meta.get("overrides", [])), arms=st.arm_labels({r.run_id: r.config for r in index.runs}))
     data.claims, data.method_order = _study_claims_and_order(d, index.runs)
     for r in data.done:

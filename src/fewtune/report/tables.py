@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +94,24 @@ def resource_rows(rows: Sequence[st.EvalRow], order: Sequence[str] = ()) -> list
     return out
 
 
+def identity_warnings(data: StudyData) -> list[str]:
+    """Runs left out because another identity made them, and stale runs kept (``--keep-stale``)."""
+    out: list[str] = []
+    if data.other_runs:
+        out.append(f"{data.other_runs} runs in this directory belong to an earlier version of the study config and are not reported.")
+    if data.other_code_runs:
+        out.append(f"{data.other_code_runs} runs in this directory were made by {data.other_code or 'another fewtune code version'}, "
+                   "under configs the current code resolves differently, and are not reported.")
+    if data.stale_runs:
+        out.append(f"{data.stale_runs} runs in this directory are stale (made by another code or library version, task file, "
+                   "model, device, thread or process count) and are not reported; their current counterparts are.")
+    kept = Counter(r.kept_stale for r in data.frame.drop_duplicates("run_id").itertuples() if isinstance(r.kept_stale, str))
+    if kept:
+        out.append("Kept with --keep-stale, computed by other code or library versions than the rest: "
+                   + "; ".join(f"{k} runs by {v}" for v, k in sorted(kept.items())) + " (column kept_stale of csv/runs.csv).")
+    return out
+
+
 def warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
     out: list[str] = list(data.excluded)
     counts = defaultdict(int)
@@ -102,11 +120,7 @@ def warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
     if counts["pending"] or counts["running"] or counts["failed"]:
         out.append(f"The study is incomplete: {counts['done']} of {len(data.runs)} runs done, {counts['failed']} failed, "
                    f"{counts['pending'] + counts['running']} not run yet. Statistics cover finished runs only.")
-    if data.other_runs:
-        out.append(f"{data.other_runs} runs in this directory belong to an earlier version of the study config and are not reported.")
-    if data.stale_runs:
-        out.append(f"{data.stale_runs} runs in this directory are stale (made by another fewtune version, task file, model "
-                   "or device) and are not reported; their current counterparts are.")
+    out += identity_warnings(data)
     seen_sets = {}
     for r in data.rows:
         if r.warning and r.eval_set not in seen_sets:

@@ -1,42 +1,57 @@
 """What a run's result depends on beyond its config: the run's *identity* inputs.
 
 The run id hashes the resolved config. The same config can still give different numbers when the
-code, the data or the hardware change, so ``resolve`` adds an ``identity`` block to the config —
-and therefore to the hash and to ``config.yaml`` — with:
+code, the libraries, the data, the hardware or the way the run was computed change, so
+``resolve`` adds an ``identity`` block to the config — and therefore to the hash and to
+``config.yaml``. docs/identity.md is the user's account of it; in short:
 
-- ``fewtune_version`` and, when fewtune runs from a git checkout (``<root>/src/fewtune`` with
-  ``<root>/.git`` and ``<root>/pyproject.toml``), the checkout's HEAD ``git_commit``. Uncommitted
-  edits are not detected (no "dirty" marker): commit before a study you want to tell apart.
+- ``code_digest``: sha256 over the relative path and the bytes of every file of the imported
+  ``fewtune`` package (``src/fewtune/**``: its ``.py`` files, the built-in task and preset YAML,
+  templates — whatever ships in the package), skipping only ``__pycache__``, compiled ``.pyc``,
+  hidden files and editor backups (``name~``). Any edit under ``src/fewtune`` — committed or not —
+  changes it; a README, test, benchmark or ``pyproject.toml`` change does not. Computed once per
+  process (about 1 MB read).
+- ``libraries``: the installed versions of torch, transformers, peft and accelerate (the
+  libraries that compute a result; ``pip install -U transformers`` changes every id).
 - ``task_digest``: for a custom task given as a YAML path, sha256 over the YAML's bytes and each
-  local data file's sha256 (memoised per path/size/mtime, so a study hashes each file once per
-  process). Hub splits enter by name (dataset/config/split). Built-in tasks: ``None`` — their
-  files are pinned by checksums in the code, which the version covers.
+  local data file's sha256 (memoised per path/size/mtime). Hub splits enter by name. Built-in
+  tasks: ``None`` — their files are pinned by checksums in the code, which ``code_digest`` covers.
 - ``model_digest``: for a local model directory, sha256 over ``config.json``'s bytes and the
-  name, size and modification time of every file (recursively, hidden files excepted). Cheap — no
-  weights are read — and honest in the direction that matters: any rewritten weight file changes
-  its size or mtime, so a changed model is never mistaken for the old one. The price: copying
-  the directory without keeping mtimes (``cp`` without ``-p``) makes its runs look new and they
-  run again. The embedded model: the version of the package that ships it. A hub id: ``None``
-  (identified by its name; pin a revision by downloading it to a local directory).
-- ``device`` (``cpu``/``cuda``) and ``precision``: what ``auto`` resolves to on this machine, so a
-  study moved to a GPU does not mix its numbers with the CPU's.
+  name, size and modification time of every file (no weights are read; copying without keeping
+  mtimes makes its runs look new). The embedded model (and ``tiny-random``, which uses its
+  tokenizer): the installed package versions. A hub id: ``None`` (identified by its name).
+- ``device`` (``cpu``/``cuda``), ``precision`` and ``model_dtype``: what ``auto`` resolves to here.
+- ``threads`` (CPU only): the torch intra-op thread count the run computes with; float sums are
+  split by thread, so 1 and 2 threads give different numbers. A study fixes it per study (the
+  ``threads`` study key, see ``fewtune.study.config``); a lone ``fewtune run`` records its own.
+- ``processes``: the number of data-parallel processes when more than one (omitted at 1, so the
+  ids of single-process runs do not carry it): dropout masks are drawn per process.
+
+Metadata — recorded in ``metrics.json`` (``provenance``), never hashed: the fewtune version, the
+git commit of the checkout and whether ``src/fewtune`` had uncommitted changes. They say where
+the code came from; ``code_digest`` says what it was.
+
+Model names are normalised before hashing (``tiny-random:`` and ``tiny-random:llama`` are
+``tiny-random``), so one model never runs under two ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import subprocess
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from fewtune.config import EMBEDDED_MODEL, RunConfig, RunIdentity
-from fewtune.errors import ConfigError, DataError
 from fewtune.models.tiny import is_tiny
-from fewtune.study.store import DB_NAME, RunRecord, Store
+from fewtune.training.distributed import process_count
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the imported fewtune package (src/fewtune)
+IDENTITY_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+_SKIPPED_SUFFIXES = (".pyc", ".pyo", "~")
 
 
 def fewtune_version() -> str:
@@ -48,14 +63,75 @@ def fewtune_version() -> str:
         return __version__
 
 
+def package_files(root: Path) -> Iterator[Path]:
+    """The files of a package tree that ``code_digest`` covers, in a stable order."""
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).parts
+        if (p.is_file() and not any(s.startswith(".") or s == "__pycache__" for s in rel)
+                and not p.name.endswith(_SKIPPED_SUFFIXES)):
+            yield p
+
+
+def package_digest(root: Path) -> str:
+    """sha256 over the relative path and content of every file ``package_files`` lists."""
+    h = hashlib.sha256()
+    for p in package_files(root):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """``package_digest`` of the imported fewtune package, once per process."""
+    return package_digest(PACKAGE_DIR)
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that compute results (``"absent"`` if one is missing)."""
+    out = {}
+    for name in IDENTITY_LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _checkout_root() -> Path | None:
+    """The git checkout fewtune is imported from (``<root>/src/fewtune``), or None (a wheel)."""
+    root = PACKAGE_DIR.parent.parent
+    if PACKAGE_DIR.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
+    return root
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """HEAD of the git checkout fewtune is imported from, or None (an installed wheel)."""
-    package = Path(__file__).resolve().parents[1]  # src/fewtune
-    root = package.parent.parent
-    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+    root = _checkout_root()
+    return None if root is None else read_git_head(root / ".git")
+
+
+@lru_cache(maxsize=1)
+def git_dirty() -> bool | None:
+    """Whether ``src/fewtune`` differs from the checkout's HEAD (None: no checkout, or no git)."""
+    root = _checkout_root()
+    if root is None or git_commit() is None:
         return None
-    return read_git_head(root / ".git")
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "src/fewtune"], cwd=root, capture_output=True,
+                             text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
+
+
+def provenance() -> dict[str, Any]:
+    """Where the code came from: metadata beside the identity, never part of the run id."""
+    return {"fewtune_version": fewtune_version(), "git_commit": git_commit(), "git_dirty": git_dirty(),
+            "code_digest": code_digest()}
 
 
 def read_git_head(dot_git: Path) -> str | None:
@@ -145,88 +221,21 @@ def _model_dtype(requested: str, method: str) -> str:
     return resolve_model_dtype(requested, METHODS.get(method).keeps_base_frozen())
 
 
-def compute_identity(cfg: RunConfig) -> RunIdentity:
-    """The identity block of ``cfg`` on this machine, with this code and these files."""
+def run_threads() -> int:
+    """The torch intra-op thread count this process computes with."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def compute_identity(cfg: RunConfig, threads: int | None = None) -> RunIdentity:
+    """The identity block of ``cfg`` on this machine, with this code and these files. ``threads``:
+    the thread count the run will compute with (a study's ``threads``); default: this process's."""
     dev, precision = _device_precision(cfg.precision)
+    procs = process_count()
     return RunIdentity(
-        fewtune_version=fewtune_version(), git_commit=git_commit(), task_digest=task_digest(cfg.task),
+        code_digest=code_digest(), libraries=library_versions(), task_digest=task_digest(cfg.task),
         model_digest=model_digest(cfg.model), device=dev, precision=precision,
         model_dtype=_model_dtype(cfg.model_dtype, cfg.method),
+        threads=(threads or run_threads()) if dev == "cpu" else None, processes=procs if procs > 1 else None,
     )
-
-
-def config_key(config: dict) -> str:
-    """Canonical JSON of a config without its identity: equal for the same run under another
-    version/task file/model/device (how a study recognises stale results)."""
-    return json.dumps({k: v for k, v in config.items() if k != "identity"}, sort_keys=True, separators=(",", ":"))
-
-
-# --------------------------------------------------------------------------- stale study runs
-
-
-@dataclass
-class StaleRuns:
-    """Results in a study directory that the current plan would produce again under another id:
-    the same config, but another identity (fewtune version, task file, model, device)."""
-
-    records: list[RunRecord] = field(default_factory=list)
-    changes: dict[str, set[tuple[Any, Any]]] = field(default_factory=dict)  # identity field → {(old, new)}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def message(self) -> str:
-        what = "; ".join(f"{k} {_short(a)} → {_short(b)}" for k, pairs in sorted(self.changes.items()) for a, b in sorted(pairs, key=str))
-        return (f"{len(self)} runs are stale (results from another fewtune version/task file/model/device"
-                + (f": {what}" if what else "") + ")")
-
-
-def _short(value: Any) -> str:
-    return "none" if value is None else str(value)[:12]
-
-
-def stale_runs(records: Iterable[RunRecord], planned: Iterable[tuple[str, dict]]) -> StaleRuns:
-    """Finished or failed ``records`` whose config equals a planned config except for the identity
-    block, and whose id is not planned (the planned run is the same experiment under the current
-    identity). ``planned``: (run id, resolved config as JSON) pairs. Runs of an older study config
-    that the plan no longer has are not stale, just unlisted."""
-    ids, by_key = set(), {}
-    for run_id, cfg in planned:
-        ids.add(run_id)
-        by_key[config_key(cfg)] = cfg
-    out = StaleRuns()
-    for r in records:
-        match = by_key.get(config_key(r.config))
-        if r.status not in ("done", "failed") or r.run_id in ids or match is None:
-            continue
-        out.records.append(r)
-        old, new = r.config.get("identity") or {}, match.get("identity") or {}
-        for k in sorted(set(old) | set(new)):
-            if old.get(k) != new.get(k):
-                out.changes.setdefault(k, set()).add((old.get(k), new.get(k)))
-    return out
-
-
-def stale_in_study(study_dir: Path, planned: Iterable[tuple[str, dict]]) -> StaleRuns:
-    """``stale_runs`` of a study directory (none if it holds no study yet)."""
-    if not (Path(study_dir) / DB_NAME).is_file():
-        return StaleRuns()
-    try:
-        with Store(study_dir, create=False) as store:
-            return stale_runs(store.runs(), planned)
-    except DataError:  # a damaged database: the study sets it aside and rebuilds it from runs/
-        return StaleRuns()
-
-
-def guard_stale(study_dir: Path, planned: Iterable[tuple[str, dict]], *, rerun_stale: bool) -> StaleRuns:
-    """Refuse to resume a study whose results were made under another identity unless the user
-    asks to re-run them: silently running the new ids would spend the study's compute again, and
-    the user should know why (an upgrade, an edited task file, another device)."""
-    stale = stale_in_study(study_dir, planned)
-    if stale and not rerun_stale:
-        raise ConfigError(
-            f"{stale.message()}; the report leaves them out",
-            "run them again under the current identity with --rerun-stale (the old results stay in the database, "
-            "unreported), or use a new --out directory",
-        )
-    return stale

@@ -11,6 +11,7 @@ from fewtune.config import RunConfig, validate
 from fewtune.errors import ConfigError
 from fewtune.methods import METHODS, Method
 from fewtune.models.loading import check_load_options, device
+from fewtune.models.tiny import canonical_name
 from fewtune.run.identity import compute_identity
 from fewtune.run.selection import check_selection
 from fewtune.tasks import get_task
@@ -18,9 +19,10 @@ from fewtune.tasks import get_task
 EVAL_BATCH_AUTO = {"cpu": 16, "cuda": 64}
 
 
-def resolve(cfg: RunConfig) -> RunConfig:
+def resolve(cfg: RunConfig, threads: int | None = None) -> RunConfig:
     """Fill every default that depends on the task or method, validating both by name, and the
-    identity block (what else the result depends on: code version, task/model digests, device)."""
+    identity block (what else the result depends on: code, libraries, task/model digests, device,
+    ``threads``: the torch threads the run will use, by default this process's)."""
     task = get_task(cfg.task)
     method_cls = METHODS.get(cfg.method)
     pattern = task.pattern(cfg.pattern).name
@@ -31,10 +33,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     check_load_options(cfg.method, method_cls.keeps_base_frozen(), cfg.attn_implementation, cfg.device_map)
     check_method_options(cfg, method_cls)
     eval_batch = cfg.eval_batch_size if cfg.eval_batch_size != "auto" else EVAL_BATCH_AUTO.get(device().type, 16)
-    out = cfg.model_copy(update={"pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json"),
+    out = cfg.model_copy(update={"model": canonical_name(cfg.model), "pattern": pattern, "eval_sets": eval_sets, "params": params.model_dump(mode="json"),
                                  "eval_batch_size": eval_batch})
     check_selection(out)  # candidates valid and selectable, before anything runs
-    return out.model_copy(update={"identity": compute_identity(out)})
+    return out.model_copy(update={"identity": compute_identity(out, threads)})
 
 
 def check_method_options(cfg: RunConfig, method_cls: type[Method]) -> None:

@@ -33,6 +33,7 @@ from fewtune.config import RunConfig
 from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
 from fewtune.methods import METHODS, Method, Predictions, RunContext
 from fewtune.models.loading import LoadedModel, load_model, resolve_precision
+from fewtune.run.identity import provenance
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.selection import select_values, with_values
@@ -263,6 +264,7 @@ def _assemble_metrics(run: _Run, method: Method, train_summary: dict | None, pre
         "model_name": lm.name, "model_load": lm.load_info(), "n": cfg.n, "seed": cfg.seed, "pattern": run.pattern.name,
         "max_context_effective": ctx.cfg.max_context,
         "identity": cfg.identity.model_dump(mode="json") if cfg.identity else None,
+        "provenance": provenance(),  # version, git commit, dirty flag: metadata, not in the run id
         "verbalizer": {"words": list(verbalizer.words), "tokens": list(verbalizer.tokens), "ids": list(verbalizer.token_ids)},
         "eval": {},
         "curve": summary.get("curve", []),

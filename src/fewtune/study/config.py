@@ -2,7 +2,7 @@
 expanded from one YAML file, executed with progress, stored durably and resumable after any crash.
 
 A study config is a YAML mapping. Top-level keys are either study keys (``name``, ``description``,
-``tasks``, ``methods``) or run parameters — any field of ``RunConfig`` (``model``, ``n``, ``seed``,
+``tasks``, ``methods``, ``claims``, ``resources``, ``threads``) or run parameters — any field of ``RunConfig`` (``model``, ``n``, ``seed``,
 ``eval_limit``, ``train: {lr: …}``, ``params: {…}``, …). A run parameter can be set for the whole
 study, per task entry, or per method entry, and any value given as a list is swept::
 
@@ -20,6 +20,10 @@ study, per task entry, or per method entry, and any value given as a list is swe
 A field whose value is itself a list (``eval_sets``, a list-typed method parameter) is swept by a
 list of lists. Precedence, lowest first: study → task entry → method entry → ``--set`` overrides
 (``--set train.max_steps=2`` for all runs, ``--set lora:params.r=8`` for one method).
+
+``threads`` (one value for the whole study, default 1) is the torch thread count every run computes
+with, whatever executes it and however many run at once; on CPU it is part of each run's identity,
+so it is recorded in ``study.db`` and a resume with another value is refused (docs/identity.md).
 
 Each run's identity is the content hash of its *resolved* config (every default filled in), so the
 same run reached from two entries is run once, and re-running a study skips what is done
@@ -46,7 +50,8 @@ from fewtune.overrides import (
 )
 from fewtune.registry import closest, unknown_hint
 
-STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources", "pack")
+STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources", "pack", "threads")
+DEFAULT_THREADS = 1  # torch threads per run when neither the study nor --threads says (see StudyConfig.threads)
 RESOURCE_KEYS = ("cpus", "gpus")  # per run, for executors that schedule them (ray)
 RUN_KEYS = tuple(RunConfig.model_fields)
 TASK_ENTRY_EXTRA = ("task",)
@@ -69,6 +74,12 @@ class StudyConfig:
     claims: list[dict[str, Any]] = field(default_factory=list)  # validated specs (fewtune.stats.claims), tested by the report
     resources: dict[str, float] | None = None  # per run, e.g. {"cpus": 2, "gpus": 0.25}: where runs go, not what they compute
     pack: int | None = None  # runs per pack (study.pack; --pack wins): how runs are computed, not what
+    # torch threads of every run, whatever executes it and however many at once: on CPU the thread
+    # count changes the numbers (it is in each run's identity), so it is fixed per study and
+    # recorded; None: --threads, else what the study recorded, else DEFAULT_THREADS (1: the same
+    # numbers on every machine whatever its core count, and no oversubscription with --parallel).
+    threads: int | None = None
+    threads_from: str = "the study config"  # who set ``threads`` (for messages): the config or --threads
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""
@@ -84,6 +95,8 @@ class StudyConfig:
             out["resources"] = self.resources
         if self.pack is not None:
             out["pack"] = self.pack
+        if self.threads is not None:
+            out["threads"] = self.threads
         if self.claims:
             out["claims"] = self.claims
         return out
@@ -168,13 +181,24 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,
-                       resources=_resources(data.get("resources"), where), pack=_pack(data.get("pack"), where))
+                       resources=_resources(data.get("resources"), where), pack=_pack(data.get("pack"), where),
+                       threads=_threads(data.get("threads"), where))
 
 
 def _pack(value: Any, where: str) -> int | None:
     """``pack: K``: up to K packable runs train together (``fewtune.study.pack``); 1 is off."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{where}: 'pack' must be a whole number of runs at least 1, got {value!r}", "e.g. pack: 4 (1: no packing)")
+    return value
+
+
+def _threads(value: Any, where: str) -> int | None:
+    """``threads: 1``: the torch threads every run computes with (``StudyConfig.threads``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: 'threads' must be a whole number ≥ 1 (torch threads per run), got {value!r}",
+                          "e.g. threads: 1 (one value for the whole study: it is part of every run's identity)")
     return value
 
 

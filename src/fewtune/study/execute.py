@@ -10,6 +10,7 @@ recorded (the driver died in between) is adopted, not run twice.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -25,17 +26,49 @@ from pathlib import Path
 from typing import Any
 
 from fewtune.atomic import write_atomic
-from fewtune.errors import ConfigError, OutputError
-from fewtune.study.config import StudyConfig
+from fewtune.errors import ConfigError, DataError, OutputError
+from fewtune.study.config import DEFAULT_THREADS, StudyConfig
 from fewtune.study.executor import Executor, RunOutcome, check_parallel
 from fewtune.study.executors import SubprocessExecutor
 from fewtune.study.expand import PlannedRun, expand
 from fewtune.study.pack import PackPlan, check_pack, group, member_outcomes
 from fewtune.study.progress import StudyProgress
-from fewtune.study.store import RUNS_DIR, Store
+from fewtune.study.stale import decide_kept
+from fewtune.study.store import DB_NAME, RUNS_DIR, Store
 
 LOCK_NAME = ".lock"
 STUDY_FILE = "study.yaml"
+THREADS_META = "threads"  # study.db meta: the torch threads every run of the study computes with
+
+
+def recorded_threads(out_dir: Path) -> int | None:
+    """The thread count a study directory's runs were computed with (None: no study yet)."""
+    if not (Path(out_dir) / DB_NAME).is_file():
+        return None
+    try:
+        with Store(out_dir, create=False) as store:
+            value = store.get_meta(THREADS_META)
+    except (DataError, sqlite3.DatabaseError):  # damaged: the study rebuilds it (and records again)
+        return None
+    return int(value) if value and value.isdigit() else None
+
+
+def study_threads(study: StudyConfig, out_dir: Path, requested: int | None = None) -> int:
+    """The torch threads of every run of ``study`` in ``out_dir``: ``requested`` (``--threads``),
+    else the study's ``threads`` key, else what the directory recorded, else ``DEFAULT_THREADS``.
+    A study is never resumed with another count: on CPU the numbers depend on it, so its runs
+    would mix (or all run again under new ids) — a usage error instead."""
+    if requested:
+        study.threads, study.threads_from = requested, "--threads"
+    recorded = recorded_threads(out_dir)
+    if recorded is not None and study.threads is not None and study.threads != recorded:
+        raise ConfigError(
+            f"the runs in {out_dir} compute with {recorded} torch thread(s) each (recorded in {DB_NAME}), but "
+            f"{study.threads_from} asks for {study.threads}: on CPU the thread count changes the results",
+            f"resume with {recorded} thread(s) (drop --threads / the study's 'threads:' key, or set it to {recorded}), "
+            "or start a new --out directory",
+        )
+    return study.threads or recorded or DEFAULT_THREADS
 
 
 @contextmanager
@@ -84,11 +117,12 @@ class StudyOutcome:
     skipped_failed: int = 0
     missing: list[str] = field(default_factory=list)  # recorded done, directory deleted: run again
     counts: dict[str, int] = field(default_factory=dict)  # over the study's runs, after this call
+    kept: int = 0  # planned runs standing in for by a kept stale run (--keep-stale)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (run id, label, error)
 
     @property
     def complete(self) -> bool:
-        return self.counts.get("done", 0) == self.planned
+        return self.counts.get("done", 0) + self.counts.get("kept", 0) == self.planned
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:
@@ -112,6 +146,8 @@ def run_study(
     planned: list[PlannedRun] | None = None,
     parallel: int = 1,
     pack: int | None = None,
+    rerun_stale: bool = False,
+    keep_stale: bool = False,
 ) -> StudyOutcome:
     """Run every missing run of ``study`` into ``out_dir``; safe to call again after any crash.
 
@@ -122,6 +158,10 @@ def run_study(
     recorded with their error and skipped on the next call unless ``retry_failed``. A run
     recorded done whose directory was deleted runs again. ``pack`` (default: the study's ``pack:``,
     else off) runs up to that many packable runs together as one unit (``study.pack``).
+
+    Every run computes with ``study_threads`` torch threads (the executor sees to it), recorded
+    in ``study.db``. ``keep_stale``/``rerun_stale``: the user's decision about stale runs
+    (``fewtune.study.stale``), recorded; planned runs whose stale counterpart is kept are not run.
     """
     from rich.console import Console
 
@@ -132,19 +172,36 @@ def run_study(
     k = check_pack(pack if pack is not None else study.pack, ex.name)
     out = Path(out_dir)
     console = console or Console(stderr=True)
+    threads = study_threads(study, out)
+    study = dataclasses.replace(study, threads=threads)
     planned = planned if planned is not None else expand(study)
+    _check_planned_threads(planned, threads)
     outcome = StudyOutcome(out, len(planned))
     with study_lock(out), ex:
-        ex.start(parallel)
+        ex.start(parallel, threads)
         write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
+            store.set_meta(THREADS_META, str(threads))
+            kept = decide_kept(store, [(p.run_id, p.config.model_dump(mode="json")) for p in planned],
+                               rerun_stale=rerun_stale, keep_stale=keep_stale)
             todo = _prepare(study, planned, store, out, retry_failed, outcome, console)
+            todo = [p for p in todo if p.run_id not in kept]
+            outcome.kept = sum(p.run_id in kept for p in planned)
             if limit is not None:
                 todo = todo[:limit]
             with StudyProgress(study.name, len(todo), console, enabled=show_progress) as board:
                 _Driver(store, out, ex, data_dir, outcome, console, board, parallel, k).run_all(todo)
-            outcome.counts = _counts(store, [p.run_id for p in planned])
+            outcome.counts = _counts(store, [p.run_id for p in planned], kept)
     return outcome
+
+
+def _check_planned_threads(planned: list[PlannedRun], threads: int) -> None:
+    """A plan resolved for another thread count than the executors will use would record ids
+    that the runs' own config.yaml contradict (a caller's mistake, not the user's)."""
+    other = {p.config.identity.threads for p in planned if p.config.identity is not None} - {None, threads}
+    if other:
+        raise ValueError(f"the planned runs were resolved for {sorted(other)} torch threads, the study uses {threads}: "
+                         "expand the study after setting its threads (study_threads)")
 
 
 def _prepare(study: StudyConfig, planned: list[PlannedRun], store: Store, out: Path, retry_failed: bool,
@@ -189,10 +246,11 @@ def _select(planned: list[PlannedRun], store: Store, out: Path, retry_failed: bo
     return todo
 
 
-def _counts(store: Store, run_ids: list[str]) -> dict[str, int]:
-    counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+def _counts(store: Store, run_ids: list[str], kept: dict[str, str] | None = None) -> dict[str, int]:
+    """Statuses of the planned runs; a run not done whose stale counterpart is kept counts as kept."""
+    counts = {"pending": 0, "running": 0, "done": 0, "failed": 0, "kept": 0}
     for r in store.runs(run_ids=run_ids):
-        counts[r.status] += 1
+        counts["kept" if r.status != "done" and r.run_id in (kept or {}) else r.status] += 1
     return counts
 
 

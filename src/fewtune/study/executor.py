@@ -67,7 +67,7 @@ def default_runner() -> Runner:
 class Executor:
     """Runs planned runs somewhere; a context manager so it can hold workers between runs.
 
-    The study calls ``start(parallel)`` once, then ``run`` for each run — from ``parallel``
+    The study calls ``start(parallel, threads)`` once, then ``run`` for each run — from ``parallel``
     threads at once when ``parallel`` > 1, so ``run`` must then be thread-safe — and, on Ctrl-C,
     ``interrupt()`` from its own thread while runs are in flight."""
 
@@ -80,8 +80,10 @@ class Executor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, parallel: int = 1) -> None:
-        """Prepare for up to ``parallel`` runs at once (nothing to prepare by default)."""
+    def start(self, parallel: int = 1, threads: int | None = None) -> None:
+        """Prepare for up to ``parallel`` runs at once, each computing with ``threads`` torch
+        threads (the study's; None: as the calling process). Every executor must give each run
+        exactly ``threads``, whatever ``parallel`` is: the thread count is in the run's identity."""
 
     def close(self) -> None:
         """Release workers (nothing to release by default)."""

@@ -68,6 +68,22 @@ class InProcessExecutor(Executor):
 
     def __init__(self, runner: Runner | None = None) -> None:
         self.runner = runner or default_runner()
+        self._restore: int | None = None  # the caller's torch threads, given back by close()
+
+    def start(self, parallel: int = 1, threads: int | None = None) -> None:
+        import torch
+
+        self.close()
+        if threads:
+            self._restore = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        restore, self._restore = self._restore, None
+        if restore:
+            import torch
+
+            torch.set_num_threads(restore)
 
     def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
         try:
@@ -89,9 +105,9 @@ class SubprocessExecutor(Executor):
     """Every run in its own fresh process, forked from a fork server with ``PRELOAD`` imported.
 
     ``runner`` must be picklable (a module-level function). A process that dies without a result
-    (a signal, ``os._exit``) is a failed run whose error names the signal. With ``parallel`` runs
-    at once, each run's process gets ``max(1, threads // parallel)`` torch threads, so that the
-    runs together use the threads one run would have."""
+    (a signal, ``os._exit``) is a failed run whose error names the signal. Each run's process
+    computes with the study's ``threads`` torch threads however many run at once (``parallel``
+    runs use ``parallel × threads`` threads together: choose them to fit the cores)."""
 
     name = "subprocess"
 
@@ -104,11 +120,11 @@ class SubprocessExecutor(Executor):
         self._wake: tuple[int, int] | None = None  # a pipe written by interrupt(): readable = stop now
         self._interrupted = threading.Event()
 
-    def start(self, parallel: int = 1) -> None:
+    def start(self, parallel: int = 1, threads: int | None = None) -> None:
         import torch
 
         self.close()
-        self._threads = max(1, torch.get_num_threads() // parallel)
+        self._threads = threads or torch.get_num_threads()
         self._interrupted.clear()
         self._wake = os.pipe()
 
@@ -223,7 +239,7 @@ def _child_main(result_w: mpc.Connection, life_r: mpc.Connection, runner: Runner
     threading.Thread(target=_watch_parent, args=(life_r,), daemon=True).start()
     import torch
 
-    torch.set_num_threads(threads)  # the study process's setting (--threads / FEWTUNE_THREADS)
+    torch.set_num_threads(threads)  # the study's threads: part of the run's identity
     run_fn = runner or default_runner()
     try:
         outcome = outcome_of(lambda: run_fn(config, run_dir, data_dir=data_dir, progress=None))

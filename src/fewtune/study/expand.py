@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from fewtune.config import RunConfig, validate
 from fewtune.errors import ConfigError
 from fewtune.overrides import check_scopes, deep_merge, set_path
-from fewtune.study.config import MAX_RUNS, StudyConfig
+from fewtune.study.config import DEFAULT_THREADS, MAX_RUNS, StudyConfig
 
 
 def _method_names() -> list[str]:
@@ -156,9 +156,12 @@ def expand(study: StudyConfig, resolver: Callable[[RunConfig], RunConfig] | None
     The grid is counted first: one that is too large is refused before it fills the memory.
     """
     if resolver is None:
-        from fewtune.run.resolve import (
-            resolve as resolver,  # lazily: it imports the methods (and torch)
-        )
+        from fewtune.run.resolve import resolve  # lazily: it imports the methods (and torch)
+
+        threads = study.threads or DEFAULT_THREADS  # what every executor gives each run
+
+        def resolver(cfg: RunConfig) -> RunConfig:
+            return resolve(cfg, threads)
     total = count_runs(study)
     if total > MAX_RUNS:
         raise ConfigError(f"study '{study.name}' would expand to {total:,} runs, more than the limit of {MAX_RUNS:,}",

@@ -167,6 +167,8 @@ class RayExecutor(Executor):
         self.runner = runner
         self.address = address
         self.resources = check_resources(resources)
+        self._cpus_given = "cpus" in (resources or {})
+        self._threads: int | None = None
         if max_retries < 0:
             raise ConfigError(f"max_retries must be ≥ 0, got {max_retries}")
         self.max_retries = max_retries
@@ -198,9 +200,16 @@ class RayExecutor(Executor):
                 num_cpus=res["cpus"], num_gpus=res["gpus"], max_retries=self.max_retries, retry_exceptions=False)
             return self._remote
 
+    def start(self, parallel: int = 1, threads: int | None = None) -> None:
+        """Each task computes with the study's ``threads`` torch threads; unless the study says
+        otherwise, Ray reserves as many CPUs for it (``resources.cpus``)."""
+        self._threads = threads
+        if threads and not self._cpus_given:
+            self.resources["cpus"] = float(threads)
+
     def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
         remote = self._ensure_started()
-        threads = max(1, int(self.resources["cpus"]))
+        threads = self._threads or max(1, int(self.resources["cpus"]))
         ref = remote.remote(self.runner, planned.config, Path(run_dir).name, data_dir, threads)
         book = self._submitted(ref)
         try:

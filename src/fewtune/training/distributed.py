@@ -9,8 +9,13 @@ What is supported, and why:
 
 - **DDP** on several GPUs (NCCL) or CPU processes (gloo): ``accelerate launch --num_processes N``
   (also with ``--config_file`` of ``distributed_type: MULTI_GPU`` / ``MULTI_CPU``) or ``torchrun
-  --nproc_per_node N``. ``train.batch_size`` stays the *global* batch, so a run gives the same
-  results (up to float rounding) whatever N is, and its run id does not depend on N.
+  --nproc_per_node N``. ``train.batch_size`` stays the *global* batch, so without dropout a run
+  gives the same results (up to float rounding) whatever N is — tested for ``vanilla`` on a
+  dropout-free model, 1 vs 2 gloo processes: losses within 1e-5, the same predictions. With
+  dropout (LoRA's ``lora_dropout`` 0.1, a model's own dropout) it does not: each process draws
+  its own masks, so 1 and 2 processes give different losses. The process count is therefore in
+  the run's identity when it is more than 1 (``identity.processes``, see ``fewtune.run.identity``):
+  N processes and one process never share a run id.
 - **Evaluation on process 0 only**, the others leave once training ends: the predictions are then
   exactly those of a single-process run (same batches, same padding, same seeded tie coins),
   which sharded evaluation would not guarantee, and evaluation is a small share of a few-shot
@@ -44,10 +49,16 @@ _UNSUPPORTED = {  # accelerate launch's environment flags → what to say
 }
 
 
+def process_count() -> int:
+    """How many processes train this run, from the launcher's environment (1 when not launched);
+    read without starting accelerate, so that resolving a run's identity stays cheap."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
 def launched() -> bool:
     """Whether this process is one of several of a data-parallel launch (env set by torchrun and
     ``accelerate launch``). A plain single process never touches ``torch.distributed``."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return process_count() > 1
 
 
 def _state():
