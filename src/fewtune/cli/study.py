@@ -18,21 +18,23 @@ from fewtune.cli.options import import_torch, set_threads, threads_option
 from fewtune.errors import ConfigError, Interrupted
 
 
-def check_study_dir(out: Path) -> None:
+def check_study_dir(out: Path, config: str = "") -> None:
     """Before any work: OUT must be a study directory (to resume), empty or new, and writable.
-    A directory holding other things (the user's own report.md…) is refused, not overwritten.
-    A study is recognised by its database, its study.yaml, or its lock file (a study killed in
-    its first instant may have left only the lock)."""
-    from fewtune.study import DB_NAME, LOCK_NAME, STUDY_FILE
+    A study is recognised only by fewtune's own marker (``is_study_dir``); a directory holding
+    anything else (the user's own report.md or study.yaml…) is refused, not overwritten. Two
+    things are not the user's work to protect: a lone lock file (a study killed in its first
+    instant, before its marker) and the study's own config file (``study d/study.yaml --out d``:
+    the study runs there and leaves that file as it is)."""
+    from fewtune.study import LOCK_NAME, is_study_dir
 
-    markers = (DB_NAME, STUDY_FILE, LOCK_NAME)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory", "give --out a directory path (the file was left untouched)")
-    if out.is_dir() and not any((out / m).exists() for m in markers):
-        found = sorted(p.name for p in out.iterdir())
+    if out.is_dir() and not is_study_dir(out):
+        own = {LOCK_NAME} | ({Path(config).name} if Path(config).is_file() and Path(config).parent.resolve() == out.resolve() else set())
+        found = sorted(p.name for p in out.iterdir() if p.name not in own)
         if found:
             shown = ", ".join(found[:5]) + (f", … ({len(found)} entries)" if len(found) > 5 else "")
-            raise ConfigError(f"{out} is not a fewtune study directory (no {DB_NAME} or {STUDY_FILE}) but holds: {shown}",
+            raise ConfigError(f"{out} is not a fewtune study directory (no study made by fewtune) but holds: {shown}",
                               "choose a new or empty --out directory; a study writes report.md, runs/, … into it")
     ensure_writable_dir(out)
 
@@ -104,7 +106,7 @@ def register(app: typer.Typer) -> None:
             out_console.print(f"{len(planned)} runs" + (escape(f"; in {out}: {stale.message()}") if stale else ""))
             check_feasibility(planned, data_dir, out_console)
             return
-        check_study_dir(out)
+        check_study_dir(out, config)
         if stale:
             console.print(f"[yellow]{escape(stale.message())}[/yellow]: running them again under the current identity")
         console.print(f"study [bold]{escape(study.name)}[/bold] ({escape(str(study.source))}): {len(planned)} runs → {escape(str(out))}")

@@ -31,10 +31,26 @@ from fewtune.study.executor import Executor, RunOutcome, check_parallel
 from fewtune.study.executors import SubprocessExecutor
 from fewtune.study.expand import PlannedRun, expand
 from fewtune.study.progress import StudyProgress
-from fewtune.study.store import RUNS_DIR, Store
+from fewtune.study.store import DB_NAME, RUNS_DIR, Store, is_study_db
 
 LOCK_NAME = ".lock"
 STUDY_FILE = "study.yaml"
+MARKER_NAME = ".fewtune-study"  # written first into every study directory: what makes it one
+
+
+def is_study_dir(out: Path) -> bool:
+    """Whether fewtune made ``out`` a study: its marker file, or (a study from before the marker)
+    a ``study.db`` with fewtune's schema. A ``study.yaml`` or ``report.md`` proves nothing: they
+    may be the user's own files, which a study must never overwrite."""
+    out = Path(out)
+    return (out / MARKER_NAME).is_file() or is_study_db(out / DB_NAME)
+
+
+def _same_file(source: str, path: Path) -> bool:
+    try:
+        return bool(source) and Path(source).resolve() == path.resolve()
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -42,6 +58,9 @@ def study_lock(out_dir: Path) -> Iterator[None]:
     """One process per study directory. An OS file lock (flock) is released by the kernel when
     the holder dies — even by ``kill -9`` — so a crashed study never blocks its own resumption."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / MARKER_NAME
+    if not marker.exists():
+        marker.write_text("a fewtune study directory (fewtune study --out); fewtune writes here\n")
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -132,7 +151,8 @@ def run_study(
     outcome = StudyOutcome(out, len(planned))
     with study_lock(out), ex:
         ex.start(parallel)
-        write_atomic(out / STUDY_FILE, study.to_yaml())
+        if not _same_file(study.source, out / STUDY_FILE):  # the user's own config is never rewritten in place
+            write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
             todo = _prepare(study, planned, store, out, retry_failed, outcome, console)
             if limit is not None:
