@@ -7,6 +7,7 @@ Rich that comes from the user or from a message is escaped: ``[v2]`` in a path i
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Optional
@@ -224,7 +225,11 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """Entry point (``fewtune``)."""
-    sys.exit(run_cli())
+    code = run_cli()
+    # The interpreter's last garbage collection walks every object torch and Ray left (seconds on
+    # a busy machine, after the work and its files are done): nothing left to free matters now.
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,8 @@ class _Driver:
         inflight: dict[Future[RunOutcome], _Flight] = {}
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="fewtune-run") if self.parallel > 1 else None
         try:
+            if queue:
+                self.executor.prepare()
             while queue or inflight:
                 while queue and len(inflight) < self.parallel:
                     flight = self._start(queue.popleft())

@@ -82,6 +82,11 @@ class Executor:
     def start(self, parallel: int = 1) -> None:
         """Prepare for up to ``parallel`` runs at once (nothing to prepare by default)."""
 
+    def prepare(self) -> None:
+        """Called on the driver's main thread just before the first run is handed over, only when
+        there is a run to execute: the place for slow set-up (starting a Ray cluster), where a
+        Ctrl-C reaches the driver. Nothing by default."""
+
     def close(self) -> None:
         """Release workers (nothing to release by default)."""
 

@@ -34,11 +34,14 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +57,7 @@ EXECUTOR_FILE = "executor.json"
 DEFAULT_RESOURCES = {"cpus": 1, "gpus": 0}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error messages
 POLL_S = 0.5  # how long one wait for a task may block before the driver can see Ctrl-C
+CONNECT_TIMEOUT_S = 10.0  # a cluster address that accepts no connection in this time is a user error
 
 
 def import_ray() -> Any:
@@ -63,6 +67,86 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError("the ray executor needs Ray, which is not installed",
                           'pip install "fewtune[ray]" (or pip install "ray>=2.40")') from None
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address nothing listens at, within ``timeout``: Ray itself retries a dead GCS
+    address for minutes (``host:port``) or fails after 30 s with a connection error
+    (``ray://``). ``auto`` and ``local`` are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    hint = "check --ray-address (ray://HEAD:10001 for Ray Client, HEAD:6379 for the GCS), or leave it out to start a local cluster"
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address} is not HOST:PORT, ray://HOST:PORT or auto", hint)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, OverflowError) as e:
+        reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {reason} (within {timeout:g} s)", hint) from None
+
+
+@contextmanager
+def deferred_ctrl_c() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives during a call into Ray until the call returns, then raise it.
+
+    Why: a KeyboardInterrupt raised in the middle of Ray's own Python code (``ray.init``,
+    ``ray.wait``, ``ray.shutdown``) can leave it half done — a cluster half started, a lock never
+    released (``RuntimeError: release unlocked lock``), a shutdown that hangs. Each call the
+    driver makes is short (a wait is at most ``POLL_S``), so the delay is too. Only the main
+    thread receives signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if seen:
+        raise KeyboardInterrupt
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``; empty elsewhere): a local Ray cluster's
+    processes are the driver's children and grandchildren."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _reap(pids: list[int], grace_s: float = 3.0) -> None:
+    """End the processes ``ray.shutdown`` left behind (its agents outlive it by minutes):
+    SIGTERM, then SIGKILL after ``grace_s``. Only pids that were our own descendants."""
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [p for p in pids if alive(p)]
+        for pid in left:
+            with suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [p for p in left if alive(p)]
+        if not left:
+            return
 
 
 def check_resources(resources: Mapping[str, Any] | None) -> dict[str, float]:
@@ -165,6 +249,8 @@ class RayExecutor(Executor):
                  fresh_process: bool = True) -> None:
         self.ray = import_ray()
         self.runner = runner
+        if address:
+            check_address(address)
         self.address = address
         self.resources = check_resources(resources)
         if max_retries < 0:
@@ -190,13 +276,23 @@ class RayExecutor(Executor):
             if not ray.is_initialized():
                 kwargs: dict[str, Any] = {"address": self.address} if self.address else {
                     "num_cpus": self.num_cpus, "include_dashboard": False}
-                ray.init(**kwargs, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
-                self._started = True
+                try:
+                    self._started = True  # from here on (a Ctrl-C mid-start too), close() ends what was started
+                    ray.init(**kwargs, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+                except (ConnectionError, TimeoutError) as e:  # an address that answers but is no Ray cluster
+                    raise ConfigError(f"cannot connect to the Ray cluster at {self.address or 'a new local cluster'}: "
+                                      f"{ANSI.sub('', str(e)).strip()}",
+                                      "check --ray-address, or leave it out to start a local cluster") from None
             res = self.resources
             _check_fits(ray.cluster_resources(), res)
             self._remote = ray.remote(max_calls=1 if self.fresh_process else 0)(run_task).options(
                 num_cpus=res["cpus"], num_gpus=res["gpus"], max_retries=self.max_retries, retry_exceptions=False)
             return self._remote
+
+    def prepare(self) -> None:
+        """Start or join the cluster on the driver's main thread, so that a Ctrl-C while it
+        starts (seconds) reaches the driver, which then ends it, rather than a run thread."""
+        self._ensure_started()
 
     def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
         remote = self._ensure_started()
@@ -206,7 +302,8 @@ class RayExecutor(Executor):
         try:
             result = self._wait(ref)
         except BaseException:
-            self.ray.cancel(ref, force=True)
+            with deferred_ctrl_c(), suppress(Exception):  # the cluster may be going away
+                self.ray.cancel(ref, force=True)
             raise
         finally:
             with self._lock:
@@ -232,11 +329,15 @@ class RayExecutor(Executor):
         a task cancelled by ``cancel_all`` (Ctrl-C seen by another thread) a KeyboardInterrupt."""
         ray = self.ray
         while True:
-            ready, _ = ray.wait([ref], timeout=POLL_S)  # short waits: Ctrl-C reaches us in between
+            with deferred_ctrl_c():  # short waits: Ctrl-C is seen between them, never inside Ray
+                ready, _ = ray.wait([ref], timeout=POLL_S)
+            if self._cancelling:  # interrupt() was called: do not wait for Ray to confirm the cancel
+                raise KeyboardInterrupt
             if ready:
                 break
         try:
-            return ray.get(ref)
+            with deferred_ctrl_c():
+                return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             raise KeyboardInterrupt from None
         except ray.exceptions.RayError as e:
@@ -259,19 +360,27 @@ class RayExecutor(Executor):
         with self._lock:
             self._cancelling = True
             refs = list(self._in_flight)
-        for ref in refs:
-            self.ray.cancel(ref, force=True)
+        with deferred_ctrl_c():
+            for ref in refs:
+                with suppress(Exception):  # a task that finished or a cluster going away
+                    self.ray.cancel(ref, force=True)
 
     def interrupt(self) -> None:
         """The driver's Ctrl-C (or a full disk) with several runs in flight: cancel them all."""
         self.cancel_all()
 
     def close(self) -> None:
+        """Cancel what is in flight and, for a local cluster this executor started, shut it down
+        in order and end whatever processes of it ``ray.shutdown`` leaves behind (its agents
+        otherwise linger for minutes). A Ctrl-C meanwhile is held until it is done."""
         if self._in_flight:
             self.cancel_all()
-        with self._lock:
+        with self._lock, deferred_ctrl_c():
             if self._started:
-                self.ray.shutdown()
+                local = [] if self.address else _descendants(os.getpid())
+                with suppress(Exception):  # a cluster whose start was interrupted: end its processes all the same
+                    self.ray.shutdown()
+                _reap(local)
                 self._started = False
             self._remote = None
 
