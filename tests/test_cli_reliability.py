@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_cli import fewtune
 
-from fewtune.results import load_runs
+from fewtune.results import collect, load_runs
 from fewtune.study import Store
 
 pytestmark = pytest.mark.usefixtures("data_dir")
@@ -109,6 +109,8 @@ def test_incomplete_study_keeps_one_arm(icl_study, tmp_path):
     frame = load_runs(s)
     assert sorted(frame["status"].unique()) == ["done", "pending"]
     assert set(frame["arm"]) == {"icl"}
+    configs = {r.status: r.config for r in collect(s)}
+    assert set(configs["pending"]) == set(configs["done"])  # the same keys from study.db as from config.yaml
 
 
 # --- input errors every run would meet: found once, before any run --------------------------------

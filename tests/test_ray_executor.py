@@ -242,3 +242,20 @@ def test_cli_wrong_ray_address_is_exit_2_naming_it(tmp_path: Path, data_dir: Pat
     assert f"cannot reach the Ray cluster at {address}" in res.stderr and "Traceback" not in res.stderr
     assert "free space" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_ray_study_leaves_no_process_behind(tmp_path: Path, data_dir: Path) -> None:
+    """A local cluster the study started is shut down with it: no Ray agent outlives the study."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps({"name": "r", "model": "tiny-random", "task": "cola", "method": "zero-shot", "eval_limit": 8}))
+    env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report",
+                             "--executor", "ray"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=300)
+    time.sleep(1)
+    left = _session_processes(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert left == []
