@@ -176,3 +176,87 @@ def test_ray_options_are_user_errors(monkeypatch, cluster) -> None:
     with pytest.raises(ConfigError, match="needs Ray") as e:
         make_executor("ray")
     assert "fewtune[ray]" in e.value.hint
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Live processes of session ``sid`` (a CLI started with start_new_session): what it left."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            out.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120])
+    return out
+
+
+@pytest.mark.parametrize("when", ["cluster starting", "runs running"])
+def test_cli_ctrl_c_of_a_ray_study_exits_130_promptly_and_leaves_nothing(tmp_path: Path, data_dir: Path, when: str) -> None:
+    """SIGINT to the whole process group, as a terminal sends it, while the local cluster starts
+    and while runs execute: exit 130 with the resume message within seconds, no traceback, no
+    process of the study left (its Ray cluster included), no run left ``running``."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps({"name": "r", "model": "tiny-random", "task": "cola", "method": "icl", "n": 2, "seed": [0, 1, 2],
+                               "eval_limit": 8}))
+    out = tmp_path / "out"
+    env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(out), "--no-report", "--executor", "ray",
+                             "--parallel", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if when == "cluster starting" and (out / "study.db").is_file():
+            break
+        if when == "runs running" and (out / "study.db").is_file() and any(r.status == "running" for r in _records(out).values()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(1)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    took = time.time() - t0
+    time.sleep(1)
+    left = _session_processes(proc.pid)
+    for _ in range(2 if left else 0):  # never leave them to the next test
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "re-run the same command to resume" in err.replace("\n", "") and "Traceback" not in err
+    assert took < 15, f"took {took:.1f} s to exit"
+    assert left == []
+    assert {r.status for r in _records(out).values()} <= {"pending", "done"}
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_cli_wrong_ray_address_is_exit_2_naming_it(tmp_path: Path, data_dir: Path, address: str) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps({"name": "r", "model": "tiny-random", "task": "cola", "method": "zero-shot", "eval_limit": 8}))
+    env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir)}
+    res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--executor", "ray",
+                          "--ray-address", address], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"cannot reach the Ray cluster at {address}" in res.stderr and "Traceback" not in res.stderr
+    assert "free space" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ray_study_leaves_no_process_behind(tmp_path: Path, data_dir: Path) -> None:
+    """A local cluster the study started is shut down with it: no Ray agent outlives the study."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps({"name": "r", "model": "tiny-random", "task": "cola", "method": "zero-shot", "eval_limit": 8}))
+    env = {**os.environ, "FEWTUNE_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report",
+                             "--executor", "ray"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=300)
+    time.sleep(1)
+    left = _session_processes(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert left == []

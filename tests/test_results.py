@@ -120,3 +120,16 @@ def test_export_parquet(study: Path, tmp_path: Path) -> None:
     else:
         assert r.returncode == 0, r.stderr
         assert len(pd.read_parquet(tmp_path / "runs.parquet")) == len(load_runs(study))
+
+
+def test_arm_labels_ignore_keys_that_compute_nothing():
+    """One arm, whether a run's config comes from config.yaml (no log_to) or from study.db
+    (log_to: []); a key that does compute something still tells arms apart."""
+    from fewtune.stats import arm_labels
+
+    base = {"method": "icl", "task": "cola", "model": "tiny-random", "n": 2, "params": {"k": 4}}
+    configs = {"a": {**base, "seed": 0}, "b": {**base, "seed": 1, "log_to": []}, "c": {**base, "seed": 2, "log_to": ["tensorboard"],
+                                                                                    "log_dir": "x"}}
+    assert set(arm_labels(configs).values()) == {"icl"}
+    configs["d"] = {**base, "seed": 3, "params": {"k": 8}}
+    assert arm_labels(configs)["d"] == "icl k=8" and arm_labels(configs)["a"] == "icl k=4"

@@ -67,6 +67,16 @@ def ensure_writable_dir(directory: Path) -> None:
         raise output_error(e, directory, "write to") from None
 
 
+def check_replaceable(target: Path) -> None:
+    """Before any work: ``target`` is written as a sibling directory renamed into its place,
+    which a mount point (even an empty, writable one) refuses with "Device or resource busy" —
+    after the run, not before. A ``ConfigError`` (exit 2) pointing inside it instead."""
+    target = Path(target)
+    if target.is_dir() and os.path.ismount(target):
+        raise ConfigError(f"--out {target} is a mount point, which a finished run directory cannot be moved onto",
+                          f"give a directory inside it, e.g. --out {target / 'run'}")
+
+
 # --- temporary sibling directories of a run's output directory ----------------------------------
 
 
@@ -88,7 +98,11 @@ def replace_dir(tmp: Path, target: Path) -> None:
     half-deleted and readers see the old directory or the new one."""
     if target.exists():
         old = make_tmp_dir(target)
-        os.replace(target, old)
+        try:
+            os.replace(target, old)
+        except BaseException:  # the target cannot be moved (a mount point, a read-only parent): leave no temporary
+            old.rmdir()
+            raise
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:

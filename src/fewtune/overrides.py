@@ -47,8 +47,17 @@ def load_yaml_text(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}",
-                          "each key may appear once per mapping; check the indentation and quoting near the position shown") from None
+        raise ConfigError(f"{where} is not valid YAML: {e}", _yaml_hint(e)) from None
+
+
+def _yaml_hint(e: yaml.YAMLError) -> str:
+    """The hint that fits the error: a duplicate key, a tag (``!!python/…``, ``!Ref``), or syntax."""
+    problem = str(getattr(e, "problem", "") or "")
+    if problem.startswith("found duplicate key"):
+        return "each key may appear once per mapping; remove or rename one of the two"
+    if "constructor for the tag" in problem:
+        return "configs are plain YAML: remove the tag (the word starting with '!'); write the value itself"
+    return "check the indentation and quoting near the position shown"
 
 
 def load_yaml_file(path: Path | str, what: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from fewtune import stats as st
+from fewtune.config import NOT_RESULT_FIELDS
 from fewtune.errors import ConfigError, DataError
 
 RUN_COLUMNS = ["run_id", "status", "model", "task", "method", "arm", "params", "n", "n_applies", "seed", "eval_set", "domain",
@@ -95,7 +96,10 @@ def _from_record(study_dir: Path, r: Any) -> RunFiles:
     config = _read_yaml(run_dir / "config.yaml") if run_dir else None
     metrics = _read_json(run_dir / "metrics.json") if run_dir and r.status == "done" else None
     # A finished run whose metrics.json went missing keeps the copy the study recorded when it finished.
-    return RunFiles(r.run_id, r.status, config or r.config, metrics or (r.metrics if r.status == "done" else None), run_dir,
+    # The store's config also holds the keys that compute nothing, which config.yaml leaves out:
+    # dropped, so a run reads the same whichever of the two it comes from.
+    stored = {k: v for k, v in r.config.items() if k not in NOT_RESULT_FIELDS}
+    return RunFiles(r.run_id, r.status, config or stored, metrics or (r.metrics if r.status == "done" else None), run_dir,
                     r.error, r.attempts)
 
 

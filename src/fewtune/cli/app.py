@@ -7,6 +7,8 @@ Rich that comes from the user or from a message is escaped: ``[v2]`` in a path i
 
 from __future__ import annotations
 
+import errno
+import gc
 import sys
 from pathlib import Path
 from typing import Optional
@@ -186,6 +188,16 @@ def _print_error(message: str, hint: str | None = None) -> None:
         err_console.print(f"[dim]hint:[/dim] {escape(hint)}")
 
 
+def _os_error_hint(e: OSError) -> str | None:
+    """A hint only where the error says what to check: space, or permissions. Any other OSError
+    (a connection refused, a path that is a directory…) is shown as it is, not blamed on the disk."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space at the output location, or choose another one"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check the permissions of the output location, or choose another one"
+    return None
+
+
 def _interrupted(hint: str | None = None) -> int:
     err_console.print("[bold]interrupted[/bold]" + (f": {escape(hint)}" if hint else ""))
     return 130
@@ -204,7 +216,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _interrupted()
     except OSError as e:  # an I/O failure no command turned into an OutputError
-        _print_error(str(e), "check free space and permissions of the output location")
+        _print_error(str(e), _os_error_hint(e))
         return 1
     except usage_errors as e:
         if hasattr(e, "show"):
@@ -224,7 +236,11 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """Entry point (``fewtune``)."""
-    sys.exit(run_cli())
+    code = run_cli()
+    # The interpreter's last garbage collection walks every object torch and Ray left (seconds on
+    # a busy machine, after the work and its files are done): nothing left to free matters now.
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def export(source: Path, fmt: ExportFormat, out: Optional[Path], overwrite: bool
         raise ConfigError("--format parquet needs the pyarrow package, which is not installed",
                           "pip install pyarrow (or fewtune[parquet]), or use --format csv / jsonl")
     target = out or source / f"{'predictions' if predictions else 'runs'}.{fmt.value}"
+    if target.is_dir():
+        raise ConfigError(f"--out {target} is a directory; export writes one file",
+                          f"give a file path, e.g. --out {target / target.with_suffix('').name}.{fmt.value}"
+                          if out else "pass --out with a file path")
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists", "pass --overwrite to replace it, or choose another --out")
     from fewtune.atomic import write_atomic

@@ -19,7 +19,17 @@ THREADS_HELP = ("torch CPU threads (run: default one per core; study: per run, d
 def threads_option() -> Any:
     """``--threads``, accepted before the command (global) and after it (``run``, ``study``): both
     are natural places to type it."""
-    return typer.Option(None, "--threads", envvar="FEWTUNE_THREADS", min=1, help=THREADS_HELP)
+    return typer.Option(None, "--threads", envvar="FEWTUNE_THREADS", callback=_check_threads, help=THREADS_HELP)
+
+
+def _check_threads(ctx: typer.Context, param: typer.CallbackParam, value: int | None) -> int | None:
+    """At least 1, blaming where the value came from: a ``min=1`` range check names the
+    environment variable even when the bad value was the flag."""
+    if value is not None and value < 1:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        where = "FEWTUNE_THREADS (environment)" if getattr(source, "name", "") == "ENVIRONMENT" else "'--threads'"
+        raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=where)
+    return value
 
 
 _threads: int | None = None  # requested by --threads; applied when torch is imported

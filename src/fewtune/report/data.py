@@ -76,6 +76,12 @@ def _read_scores(data: StudyData, r: results.RunFiles) -> None:
     if r.run_dir is None:
         return
     path = r.run_dir / "predictions.jsonl"
+    if not (r.run_dir / "metrics.json").is_file():  # deleted by hand after the study recorded it
+        c = r.config
+        data.excluded.append(f"The directory of run {r.run_id} ({c.get('method')} · n={c.get('n')} · seed={c.get('seed')}), "
+                             f"{r.run_dir}, is missing: its metrics recorded in study.db are reported, but not its per-example "
+                             "statistics; re-run `fewtune study` with the same config to run it again")
+        return
     try:
         preds = results.read_predictions(r) if path.is_file() else None
         if preds is None:

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from fewtune.atomic import (
+    check_replaceable,
     clean_stale_tmp_dirs,
     ensure_writable_dir,
     make_tmp_dir,
@@ -370,6 +371,7 @@ def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool
         raise ConfigError(f"--out {out_dir} is a file, not a directory",
                           "give --out a directory path (the file was left untouched)")
     clean_stale_tmp_dirs(out_dir)
+    check_replaceable(out_dir)
     ensure_writable_dir(out_dir.parent)
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return None

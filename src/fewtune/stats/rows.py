@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fewtune.config import NOT_RESULT_FIELDS
+
 CONFIDENCE = 0.95
 ALPHA = 0.05
 # A claim needs at least this many pairs from at least MIN_SEEDS distinct few-shot samples.
@@ -80,6 +82,11 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def result_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``flatten(cfg)`` without the keys a result does not depend on."""
+    return {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in NOT_RESULT_FIELDS}
+
+
 def _fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -92,9 +99,13 @@ def arm_labels(configs: dict[str, dict[str, Any]]) -> dict[str, str]:
     Why: a study may sweep anything (LoRA rank, learning rate, pattern). Runs that differ only in
     the grid axes (task, model, n, data seed) belong to the same arm; every other key that varies
     among a method's runs *within one task and model* goes into the label, e.g. ``lora r=8``.
-    Keys that vary only across tasks (the task's default pattern) are not part of the label.
+    Keys that vary only across tasks (the task's default pattern) are not part of the label, and
+    neither are keys that compute nothing (``NOT_RESULT_FIELDS``: where a run is logged): the
+    store's config has them, ``config.yaml`` does not, and one arm must not split in two when
+    some runs' configs come from one and some from the other (a missing run directory, an
+    unfinished study).
     """
-    flat = {rid: flatten(cfg) for rid, cfg in configs.items()}
+    flat = {rid: result_keys(cfg) for rid, cfg in configs.items()}
     by_group: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for rid, cfg in configs.items():
         by_group[(str(cfg.get("method")), str(cfg.get("task")), str(cfg.get("model")))].append(rid)

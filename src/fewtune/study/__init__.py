@@ -19,8 +19,10 @@ from fewtune.study.config import (
 )
 from fewtune.study.execute import (
     LOCK_NAME,
+    MARKER_NAME,
     STUDY_FILE,
     StudyOutcome,
+    is_study_dir,
     run_study,
     study_lock,
 )
@@ -35,8 +37,8 @@ from fewtune.study.expand import PlannedRun, count_runs, expand
 from fewtune.study.store import DB_NAME, RUNS_DIR, RunRecord, Store
 
 __all__ = [
-    "DB_NAME", "EXECUTORS", "LOCK_NAME", "MAX_RUNS", "PRESETS", "RUNS_DIR", "STUDY_FILE",
+    "DB_NAME", "EXECUTORS", "LOCK_NAME", "MARKER_NAME", "MAX_RUNS", "PRESETS", "RUNS_DIR", "STUDY_FILE",
     "Executor", "InProcessExecutor", "PlannedRun", "RunOutcome", "RunRecord", "Store", "StudyConfig", "StudyOutcome",
-    "SubprocessExecutor", "count_runs", "expand", "load_study", "make_executor", "parse_int_list", "parse_override",
+    "SubprocessExecutor", "count_runs", "expand", "is_study_dir", "load_study", "make_executor", "parse_int_list", "parse_override",
     "parse_study", "preset_names", "run_study", "study_lock",
 ]

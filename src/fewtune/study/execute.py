@@ -34,10 +34,11 @@ from fewtune.study.expand import PlannedRun, expand
 from fewtune.study.pack import PackPlan, check_pack, group, member_outcomes
 from fewtune.study.progress import StudyProgress
 from fewtune.study.stale import decide_kept
-from fewtune.study.store import DB_NAME, RUNS_DIR, Store
+from fewtune.study.store import DB_NAME, RUNS_DIR, Store, is_study_db
 
 LOCK_NAME = ".lock"
 STUDY_FILE = "study.yaml"
+MARKER_NAME = ".fewtune-study"  # written first into every study directory: what makes it one
 THREADS_META = "threads"  # study.db meta: the torch threads every run of the study computes with
 
 
@@ -71,11 +72,29 @@ def study_threads(study: StudyConfig, out_dir: Path, requested: int | None = Non
     return study.threads or recorded or DEFAULT_THREADS
 
 
+def is_study_dir(out: Path) -> bool:
+    """Whether fewtune made ``out`` a study: its marker file, or (a study from before the marker)
+    a ``study.db`` with fewtune's schema. A ``study.yaml`` or ``report.md`` proves nothing: they
+    may be the user's own files, which a study must never overwrite."""
+    out = Path(out)
+    return (out / MARKER_NAME).is_file() or is_study_db(out / DB_NAME)
+
+
+def _same_file(source: str, path: Path) -> bool:
+    try:
+        return bool(source) and Path(source).resolve() == path.resolve()
+    except OSError:
+        return False
+
+
 @contextmanager
 def study_lock(out_dir: Path) -> Iterator[None]:
     """One process per study directory. An OS file lock (flock) is released by the kernel when
     the holder dies — even by ``kill -9`` — so a crashed study never blocks its own resumption."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / MARKER_NAME
+    if not marker.exists():
+        marker.write_text("a fewtune study directory (fewtune study --out); fewtune writes here\n")
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -133,6 +152,15 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _todo(study: StudyConfig, planned: list[PlannedRun], store: Store, out: Path, retry_failed: bool, outcome: StudyOutcome,
+          console: Any, kept: set[str], limit: int | None) -> list[PlannedRun]:
+    """The runs this call executes: those not done (``_prepare``), less those whose kept stale
+    counterpart stands in for them, at most ``limit``."""
+    todo = [p for p in _prepare(study, planned, store, out, retry_failed, outcome, console) if p.run_id not in kept]
+    outcome.kept = sum(p.run_id in kept for p in planned)
+    return todo if limit is None else todo[:limit]
+
+
 def run_study(
     study: StudyConfig,
     out_dir: Path | str,
@@ -179,16 +207,13 @@ def run_study(
     outcome = StudyOutcome(out, len(planned))
     with study_lock(out), ex:
         ex.start(parallel, threads)
-        write_atomic(out / STUDY_FILE, study.to_yaml())
+        if not _same_file(study.source, out / STUDY_FILE):  # the user's own config is never rewritten in place
+            write_atomic(out / STUDY_FILE, study.to_yaml())
         with Store(out) as store:
             store.set_meta(THREADS_META, str(threads))
             kept = decide_kept(store, [(p.run_id, p.config.model_dump(mode="json")) for p in planned],
                                rerun_stale=rerun_stale, keep_stale=keep_stale)
-            todo = _prepare(study, planned, store, out, retry_failed, outcome, console)
-            todo = [p for p in todo if p.run_id not in kept]
-            outcome.kept = sum(p.run_id in kept for p in planned)
-            if limit is not None:
-                todo = todo[:limit]
+            todo = _todo(study, planned, store, out, retry_failed, outcome, console, kept, limit)
             with StudyProgress(study.name, len(todo), console, enabled=show_progress) as board:
                 _Driver(store, out, ex, data_dir, outcome, console, board, parallel, k).run_all(todo)
             outcome.counts = _counts(store, [p.run_id for p in planned], kept)
@@ -312,6 +337,8 @@ class _Driver:
         inflight: dict[Future[RunOutcome], _Flight] = {}
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="fewtune-run") if self.parallel > 1 else None
         try:
+            if queue:
+                self.executor.prepare()
             while queue or inflight:
                 while queue and len(inflight) < self.parallel:
                     flight = self._start(queue.popleft())

@@ -85,6 +85,11 @@ class Executor:
         threads (the study's; None: as the calling process). Every executor must give each run
         exactly ``threads``, whatever ``parallel`` is: the thread count is in the run's identity."""
 
+    def prepare(self) -> None:
+        """Called on the driver's main thread just before the first run is handed over, only when
+        there is a run to execute: the place for slow set-up (starting a Ray cluster), where a
+        Ctrl-C reaches the driver. Nothing by default."""
+
     def close(self) -> None:
         """Release workers (nothing to release by default)."""
 

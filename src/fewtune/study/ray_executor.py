@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from fewtune.atomic import make_tmp_dir, output_error, replace_dir
 from fewtune.errors import ConfigError
 from fewtune.study.executor import PRELOAD, Executor, Runner, RunOutcome, outcome_of
+from fewtune.study.ray_cluster import check_address, deferred_ctrl_c, descendants, reap
 
 if TYPE_CHECKING:
     from fewtune.study.expand import PlannedRun
@@ -165,6 +167,8 @@ class RayExecutor(Executor):
                  fresh_process: bool = True) -> None:
         self.ray = import_ray()
         self.runner = runner
+        if address:
+            check_address(address)
         self.address = address
         self.resources = check_resources(resources)
         self._cpus_given = "cpus" in (resources or {})
@@ -192,8 +196,13 @@ class RayExecutor(Executor):
             if not ray.is_initialized():
                 kwargs: dict[str, Any] = {"address": self.address} if self.address else {
                     "num_cpus": self.num_cpus, "include_dashboard": False}
-                ray.init(**kwargs, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
-                self._started = True
+                try:
+                    self._started = True  # from here on (a Ctrl-C mid-start too), close() ends what was started
+                    ray.init(**kwargs, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+                except (ConnectionError, TimeoutError) as e:  # an address that answers but is no Ray cluster
+                    raise ConfigError(f"cannot connect to the Ray cluster at {self.address or 'a new local cluster'}: "
+                                      f"{ANSI.sub('', str(e)).strip()}",
+                                      "check --ray-address, or leave it out to start a local cluster") from None
             res = self.resources
             _check_fits(ray.cluster_resources(), res)
             self._remote = ray.remote(max_calls=1 if self.fresh_process else 0)(run_task).options(
@@ -207,6 +216,11 @@ class RayExecutor(Executor):
         if threads and not self._cpus_given:
             self.resources["cpus"] = float(threads)
 
+    def prepare(self) -> None:
+        """Start or join the cluster on the driver's main thread, so that a Ctrl-C while it
+        starts (seconds) reaches the driver, which then ends it, rather than a run thread."""
+        self._ensure_started()
+
     def run(self, planned: PlannedRun, run_dir: Path, *, data_dir: Path | None = None, progress: Any = None) -> RunOutcome:
         remote = self._ensure_started()
         threads = self._threads or max(1, int(self.resources["cpus"]))
@@ -215,7 +229,8 @@ class RayExecutor(Executor):
         try:
             result = self._wait(ref)
         except BaseException:
-            self.ray.cancel(ref, force=True)
+            with deferred_ctrl_c(), suppress(Exception):  # the cluster may be going away
+                self.ray.cancel(ref, force=True)
             raise
         finally:
             with self._lock:
@@ -241,11 +256,15 @@ class RayExecutor(Executor):
         a task cancelled by ``cancel_all`` (Ctrl-C seen by another thread) a KeyboardInterrupt."""
         ray = self.ray
         while True:
-            ready, _ = ray.wait([ref], timeout=POLL_S)  # short waits: Ctrl-C reaches us in between
+            with deferred_ctrl_c():  # short waits: Ctrl-C is seen between them, never inside Ray
+                ready, _ = ray.wait([ref], timeout=POLL_S)
+            if self._cancelling:  # interrupt() was called: do not wait for Ray to confirm the cancel
+                raise KeyboardInterrupt
             if ready:
                 break
         try:
-            return ray.get(ref)
+            with deferred_ctrl_c():
+                return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             raise KeyboardInterrupt from None
         except ray.exceptions.RayError as e:
@@ -268,19 +287,27 @@ class RayExecutor(Executor):
         with self._lock:
             self._cancelling = True
             refs = list(self._in_flight)
-        for ref in refs:
-            self.ray.cancel(ref, force=True)
+        with deferred_ctrl_c():
+            for ref in refs:
+                with suppress(Exception):  # a task that finished or a cluster going away
+                    self.ray.cancel(ref, force=True)
 
     def interrupt(self) -> None:
         """The driver's Ctrl-C (or a full disk) with several runs in flight: cancel them all."""
         self.cancel_all()
 
     def close(self) -> None:
+        """Cancel what is in flight and, for a local cluster this executor started, shut it down
+        in order and end whatever processes of it ``ray.shutdown`` leaves behind (its agents
+        otherwise linger for minutes). A Ctrl-C meanwhile is held until it is done."""
         if self._in_flight:
             self.cancel_all()
-        with self._lock:
+        with self._lock, deferred_ctrl_c():
             if self._started:
-                self.ray.shutdown()
+                local = [] if self.address else descendants(os.getpid())
+                with suppress(Exception):  # a cluster whose start was interrupted: end its processes all the same
+                    self.ray.shutdown()
+                reap(local)
                 self._started = False
             self._remote = None
 

@@ -137,6 +137,22 @@ def _set_aside(path: Path) -> Path:
     return target
 
 
+def is_study_db(path: Path) -> bool:
+    """Whether ``path`` is a database fewtune wrote (its tables and schema version), read without
+    writing anything beside it (``immutable``: no -wal/-shm). A user's own ``study.db`` is not."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            return {"runs", "meta"} <= tables and conn.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
 def _dumps(obj: Any) -> str:
     """Canonical JSON (sorted keys) so equal configs are stored as equal text."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
