@@ -153,7 +153,7 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
 
 
 def _todo(study: StudyConfig, planned: list[PlannedRun], store: Store, out: Path, retry_failed: bool, outcome: StudyOutcome,
-          console: Any, kept: set[str], limit: int | None) -> list[PlannedRun]:
+          console: Any, kept: dict[str, str], limit: int | None) -> list[PlannedRun]:
     """The runs this call executes: those not done (``_prepare``), less those whose kept stale
     counterpart stands in for them, at most ``limit``."""
     todo = [p for p in _prepare(study, planned, store, out, retry_failed, outcome, console) if p.run_id not in kept]
