@@ -39,7 +39,19 @@ import torch
 import torch.nn.functional as F
 
 _ATTN_NAME = "fewtune_shared_prefix"
-KERNELS = ("auto", "fp32", "sdpa")
+KERNELS = ("auto", "fp32", "sdpa", "split")
+
+
+def _flash_cpu_op():
+    """PyTorch's fused CPU attention, which (unlike the public SDPA) also returns the log-sum-exp;
+    None where this torch lacks it (the ``fp32`` kernel is used instead)."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FLASH_CPU = _flash_cpu_op()
 
 
 class PrefixCacheUnsupported(RuntimeError):
@@ -96,12 +108,10 @@ def shared_prefix_attention(
     """Attention of a batch of queries over [shared prefix ; own causal tokens], one softmax.
 
     ``query`` is ``[B, H, q, d]``, ``key``/``value`` ``[B, Hkv, q, d]`` (the query tokens only: no
-    cache is passed to the model). The prefix keys/values are ``[1, Hkv, P, d]``; grouped-query
-    heads are handled by viewing the query heads as ``[Hkv, g]`` instead of repeating keys. The
-    scores against the prefix are a single ``[Hkv, B·g·q, d] @ [Hkv, d, P]`` product, so the prefix
-    is read once per batch, never copied. Softmax statistics are computed in fp32 (as eager
-    attention does) and probabilities are cast back to the value dtype for the products.
-    Returns ``[B, q, H, d]`` like transformers' attention functions.
+    cache is passed to the model). The prefix keys/values are ``[1, Hkv, P, d]``, already in the
+    compute dtype (``encode_prefix``). The kernel (``KERNELS``, module doc) computes it; grouped-
+    query heads are handled by viewing the query heads as ``[Hkv, g]`` rather than repeating the
+    prefix. Returns ``[B, q, H, d]`` like transformers' attention functions.
     """
     prefix = _ACTIVE.prefix
     layer = getattr(module, "layer_idx", None)
@@ -111,44 +121,105 @@ def shared_prefix_attention(
     if bad or (dropout and module.training):
         raise PrefixCacheUnsupported(f"attention uses {', '.join(bad) or 'dropout'}")
     pk, pv = prefix.keys[layer], prefix.values[layer]
-    b, h, q, d = query.shape
+    _, h, q, d = query.shape
     hkv = key.shape[1]
     if h % hkv or pk.shape[1] != hkv or pk.shape[-1] != d or value.shape[-1] != pv.shape[-1]:
         raise PrefixCacheUnsupported("prefix cache shape does not match the attention heads")
-    g, p, dv = h // hkv, pk.shape[2], value.shape[-1]
     scale = scaling if scaling is not None else d**-0.5
     _ACTIVE.calls += 1
-    if _ACTIVE.kernel == "sdpa" or (_ACTIVE.kernel == "auto" and query.is_cuda):
-        return _sdpa_attention(query, key, value, pk, pv, _own_mask(attention_mask, q, query.device), scale), None
+    own = attention_mask[..., -q:] if attention_mask is not None else None  # [b|1, 1, q, q]: padding + causal
+    kernel = _ACTIVE.kernel if _ACTIVE.kernel != "auto" else _auto_kernel(query)
+    if kernel == "split" and (query.device.type != "cpu" or _FLASH_CPU is None):
+        kernel = "sdpa"  # the log-sum-exp kernel is PyTorch's CPU one
+    if kernel == "split":
+        return _split_attention(query, key, value, pk, pv, own, scale), None
+    if kernel == "sdpa":
+        return _sdpa_attention(query, key, value, pk, pv, _own_mask(own, q, query.device), scale), None
+    return _fp32_attention(query, key, value, pk, pv, own, scale), None
 
-    qg = query.reshape(b, hkv, g, q, d)
+
+def _auto_kernel(query: torch.Tensor) -> str:
+    """``sdpa`` on CUDA, ``split`` on CPU where PyTorch has its fused CPU kernel, else ``fp32``."""
+    if query.is_cuda:
+        return "sdpa"
+    return "split" if query.device.type == "cpu" and _FLASH_CPU is not None else "fp32"
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's where it is on for ``t``'s device (as transformers'
+    own SDPA path, whose inputs autocast casts), else ``t``'s own. After RoPE under autocast the
+    queries/keys are fp32 and the values bf16; the fused kernels need one dtype."""
+    dev = t.device.type
+    try:
+        on, dt = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+        dt = torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+    return dt if on and t.is_floating_point() else t.dtype
+
+
+def _fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                    own: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The unfused kernel: fp32 scores of every head against the prefix, one softmax (module doc)."""
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g, p, dv = h // hkv, pk.shape[2], value.shape[-1]
+    dt = compute_dtype(query)  # the cached prefix is already in it
+    qg = query.to(dt).reshape(b, hkv, g, q, d)
     rows = qg.transpose(0, 1).reshape(hkv, b * g * q, d)  # batch folded into rows
-    s_pre = torch.matmul(rows, pk[0].to(rows.dtype).transpose(1, 2)).float().mul_(scale).view(hkv, b, g, q, p)
-    s_own = torch.matmul(qg, key.unsqueeze(2).transpose(-1, -2)).float().mul_(scale).transpose(0, 1)  # [hkv,b,g,q,q]
-    if attention_mask is None:
+    s_pre = torch.matmul(rows, pk[0].transpose(1, 2)).float().mul_(scale).view(hkv, b, g, q, p)
+    s_own = torch.matmul(qg, key.to(dt).unsqueeze(2).transpose(-1, -2)).float().mul_(scale).transpose(0, 1)  # [hkv,b,g,q,q]
+    if own is None:
         causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril_()
         s_own = s_own.masked_fill(~causal, float("-inf"))
     else:
-        m = attention_mask[..., -q:]  # [b|1, 1, q, q]: padding + causal, from the model's mask builder
-        m = m.transpose(0, 1).unsqueeze(2)  # [1, b|1, 1, q, q]
+        m = own.transpose(0, 1).unsqueeze(2)  # [1, b|1, 1, q, q]
         s_own = s_own.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s_own + m.float()
     top = torch.maximum(s_pre.amax(-1), s_own.amax(-1)).unsqueeze(-1)
     e_pre = (s_pre - top).exp_()
     e_own = (s_own - top).exp_()
     denom = e_pre.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
-    p_pre = e_pre.div_(denom).to(value.dtype)
+    p_pre = e_pre.div_(denom).to(pv.dtype)
     p_own = e_own.div_(denom).to(value.dtype)
-    out = torch.matmul(p_pre.view(hkv, b * g * q, p), pv[0].to(value.dtype)).view(hkv, b, g, q, dv)
+    out = torch.matmul(p_pre.view(hkv, b * g * q, p), pv[0]).view(hkv, b, g, q, dv)
     out = out + torch.matmul(p_own, value.transpose(0, 1).unsqueeze(2))
-    return out.permute(1, 3, 0, 2, 4).reshape(b, q, h, dv), None
+    return out.permute(1, 3, 0, 2, 4).reshape(b, q, h, dv)
 
 
-def _own_mask(attention_mask: torch.Tensor | None, q: int, dev: torch.device) -> torch.Tensor:
+def _split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                     own: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Two fused attentions merged by their log-sum-exp (module doc): all queries' rows of a head
+    group against the one cached prefix (batch and grouped heads folded into rows, so the prefix
+    is neither copied nor repeated), and each query against its own causal tokens. Each returns
+    its normalised output and log-sum-exp; the weights ``exp(lse_part - lse_total)`` combine
+    them into the single softmax over [prefix ; own], in fp32."""
+    dt = compute_dtype(query)
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    rows = query.reshape(b, hkv, g * q, d).transpose(0, 1).reshape(1, hkv, b * g * q, d)
+    o_pre, l_pre = _FLASH_CPU(rows, pk.to(dt), pv.to(dt), 0.0, False, scale=scale)[:2]
+    if g > 1:
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    if own is None:
+        o_own, l_own = _FLASH_CPU(query, key, value, 0.0, True, scale=scale)[:2]
+    else:
+        bias = torch.zeros(own.shape, dtype=dt, device=own.device).masked_fill_(~_own_mask(own, q, own.device), float("-inf"))
+        o_own, l_own = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=bias.expand(b, 1, q, q), scale=scale)[:2]
+    dv = value.shape[-1]
+    o_pre = o_pre.reshape(hkv, b, g * q, dv).transpose(0, 1).reshape(b, h, q, dv)
+    l_pre = l_pre.reshape(hkv, b, g * q).transpose(0, 1).reshape(b, h, q)
+    w_own = torch.sigmoid(l_own - l_pre).unsqueeze(-1)  # exp(l_own) / (exp(l_pre) + exp(l_own))
+    out = o_pre.float().lerp_(o_own.float(), w_own)
+    return out.to(dt).transpose(1, 2)
+
+
+def _own_mask(own: torch.Tensor | None, q: int, dev: torch.device) -> torch.Tensor:
     """The queries' own [b|1, 1, q, q] boolean mask (True: attend): the model's, else causal."""
-    if attention_mask is None:
+    if own is None:
         return torch.ones(q, q, dtype=torch.bool, device=dev).tril_()[None, None]
-    m = attention_mask[..., -q:]
-    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
 
 
 def _sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
@@ -156,8 +227,10 @@ def _sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """[prefix ; own] attention through ``scaled_dot_product_attention`` (see the module doc)."""
     b, h, q, _ = query.shape
     hkv, p = key.shape[1], pk.shape[2]
-    k = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
-    v = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    dt = compute_dtype(query)
+    query = query.to(dt)
+    k = torch.cat([pk.to(dt).expand(b, -1, -1, -1), key.to(dt)], dim=2)
+    v = torch.cat([pv.to(dt).expand(b, -1, -1, -1), value.to(dt)], dim=2)
     if h != hkv:  # grouped-query heads (enable_gqa needs torch >= 2.5; repeat works everywhere)
         k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
     own = own.expand(b, 1, q, q)
@@ -216,6 +289,8 @@ def encode_prefix(body: torch.nn.Module, prefix_ids: Sequence[int], dev: torch.d
     if cache is None:
         raise PrefixCacheUnsupported("the model returned no KV cache")
     keys, values = _cache_layers_kv(cache)
+    dt = compute_dtype(keys[0])  # cast once here, not per batch and layer
+    keys, values = [k.to(dt) for k in keys], [v.to(dt) for v in values]
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return PrefixKV(keys, values, len(prefix_ids), h[0, -1])
 
