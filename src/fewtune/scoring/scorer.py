@@ -253,14 +253,7 @@ def _score_cached(model, tokenizer, enc: Encoded, label_token_ids, batch_size, o
     with shared_prefix_mode(body, prefix):
         for batch in length_sorted_batches([len(enc.query_ids[i]) for i in keep], batch_size):
             idx = [keep[j] for j in batch]
-            qs = [enc.query_ids[i] for i in idx]
-            if max(len(s) for s in qs) == 0:  # only empty queries: a one-pad row keeps shapes valid
-                qs = [[tokenizer.pad_token_id] for _ in qs]
-                ids, _, _ = pad_batch(qs, tokenizer.pad_token_id, dev)
-                last = torch.full((len(qs),), -1, dtype=torch.long, device=dev)
-            else:
-                ids, _, last = pad_batch(qs, tokenizer.pad_token_id, dev)
-            hidden = query_hidden(body, prefix, ids, last)
+            hidden = query_hidden(body, prefix, [enc.query_ids[i] for i in idx], dev)
             logits = head_logits(head, hidden, transform=adapter_for(model).logit_transform)
             _store(logits, idx, label_ids, logprobs, argmax)
             tokens += sum(len(enc.query_ids[i]) for i in idx)

@@ -68,8 +68,18 @@ class PrefixKV:
     last_hidden: torch.Tensor  # [d]: the prefix's last hidden state (scores an empty query)
 
 
+@dataclass
+class _Packing:
+    """Where each query's tokens sit in the packed row: ``index`` ``[B, qmax]`` (pads repeat the
+    query's last token) and ``valid`` ``[B, qmax]`` (real tokens), row-major in packing order."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
 class _Active(threading.local):
     prefix: PrefixKV | None = None
+    packing: _Packing | None = None
     calls: int = 0
     kernel: str = "auto"
 
@@ -127,15 +137,21 @@ def shared_prefix_attention(
         raise PrefixCacheUnsupported("prefix cache shape does not match the attention heads")
     scale = scaling if scaling is not None else d**-0.5
     _ACTIVE.calls += 1
+    pack = _ACTIVE.packing
+    if pack is not None:  # the queries come packed in one row: attend per query, padded
+        query, key, value = (t[0][:, pack.index].transpose(0, 1) for t in (query, key, value))
+        q, attention_mask = query.shape[2], None  # the model's mask is the packed one; ours is causal per query
     own = attention_mask[..., -q:] if attention_mask is not None else None  # [b|1, 1, q, q]: padding + causal
     kernel = _ACTIVE.kernel if _ACTIVE.kernel != "auto" else _auto_kernel(query)
     if kernel == "split" and (query.device.type != "cpu" or _FLASH_CPU is None):
         kernel = "sdpa"  # the log-sum-exp kernel is PyTorch's CPU one
     if kernel == "split":
-        return _split_attention(query, key, value, pk, pv, own, scale), None
-    if kernel == "sdpa":
-        return _sdpa_attention(query, key, value, pk, pv, _own_mask(own, q, query.device), scale), None
-    return _fp32_attention(query, key, value, pk, pv, own, scale), None
+        out = _split_attention(query, key, value, pk, pv, own, scale)
+    elif kernel == "sdpa":
+        out = _sdpa_attention(query, key, value, pk, pv, _own_mask(own, q, query.device), scale)
+    else:
+        out = _fp32_attention(query, key, value, pk, pv, own, scale)
+    return (out if pack is None else out[pack.valid].unsqueeze(0)), None
 
 
 def _auto_kernel(query: torch.Tensor) -> str:
@@ -310,25 +326,38 @@ def shared_prefix_mode(body: torch.nn.Module, prefix: PrefixKV) -> Iterator[None
         _ACTIVE.prefix = None
 
 
-def query_hidden(body: torch.nn.Module, prefix: PrefixKV, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Last-real-token hidden states of right-padded queries that continue the cached prefix.
+def query_hidden(body: torch.nn.Module, prefix: PrefixKV, queries: Sequence[Sequence[int]],
+                 dev: torch.device) -> torch.Tensor:
+    """Last-token hidden states ``[B, d]`` of queries (token ids) that continue the cached prefix.
 
-    No attention mask is passed: with right padding, causal attention already keeps every real
-    token from seeing the pads after it, and the pads' own outputs are never read. Positions are
-    explicit (prefix length + offset) so position-embedding models (RoPE, learned) agree with
-    the naive path.
+    The queries run packed into one row, without padding: the projections, MLPs and norms see
+    only real tokens (padding a length-sorted batch of 16 to its longest query ran ~25 % more
+    tokens at 16-shot MNLI). Each attention layer unpacks its queries/keys/values to a padded
+    ``[B, H, qmax, d]`` batch, attends per query (causal over its own tokens, plus the prefix)
+    and packs the result back (``_Packing``). Positions are explicit (prefix length + offset) so
+    position-embedding models (RoPE, learned) agree with the naive path. An empty query scores
+    the token after the prefix: the prefix's own last hidden state.
     """
-    b, q = ids.shape
-    pos = (prefix.length + torch.arange(q, device=ids.device)).unsqueeze(0).expand(b, q)
-    _ACTIVE.calls = 0
-    out = body(input_ids=ids, position_ids=pos, use_cache=False)
+    lens = torch.tensor([len(s) for s in queries], dtype=torch.long)
+    rows = prefix.last_hidden.expand(len(queries), -1)
+    if int(lens.sum()) == 0:
+        return rows
+    ends = lens.cumsum(0)
+    width = int(lens.max())
+    offset = torch.arange(width)
+    valid = offset < lens.unsqueeze(1)
+    index = torch.minimum(ends.unsqueeze(1) - lens.unsqueeze(1) + offset, (ends - 1).clamp(min=0).unsqueeze(1))
+    ids = torch.tensor([[t for s in queries for t in s]], dtype=torch.long, device=dev)
+    pos = (prefix.length + torch.cat([torch.arange(n) for n in lens.tolist()])).unsqueeze(0).to(dev)
+    _ACTIVE.calls, _ACTIVE.packing = 0, _Packing(index.to(dev), valid.to(dev))
+    try:
+        out = body(input_ids=ids, position_ids=pos, use_cache=False)
+    finally:
+        _ACTIVE.packing = None
     if _ACTIVE.calls != len(prefix.keys):
         raise PrefixCacheUnsupported(
             f"only {_ACTIVE.calls} of {len(prefix.keys)} attention layers went through transformers' attention interface"
         )
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    rows = h[torch.arange(b, device=h.device), last.clamp(min=0)]
-    empty = last < 0  # an empty query: its next token follows the prefix's last token
-    if bool(empty.any()):
-        rows = torch.where(empty.unsqueeze(1), prefix.last_hidden.to(rows.dtype).expand_as(rows), rows)
-    return rows
+    last = h[0, (ends - 1).clamp(min=0).to(dev)]
+    return torch.where((lens > 0).to(dev).unsqueeze(1), last, rows.to(last.dtype))
