@@ -1,18 +1,21 @@
-"""Benchmark 8: the two shared-prefix attention kernels (fp32 vs SDPA) against naive scoring.
+"""Benchmark 9: the shared-prefix attention kernels (fp32, SDPA, split) against naive scoring.
 
 16-shot MNLI ICL prompts (as benchmark 1), the embedded model, on whatever device is present.
 The ``fp32`` kernel reads the cached prefix once per batch and materialises fp32 scores for every
 head; the ``sdpa`` kernel copies the prefix keys/values per batch and runs PyTorch's fused
-``scaled_dot_product_attention`` (``fewtune.scoring.shared_prefix``). ``auto`` picks ``fp32`` on CPU and
-``sdpa`` on CUDA. Each kernel is timed interleaved (median of ``--repeats``) and compared with
+``scaled_dot_product_attention``; the ``split`` kernel (CPU) runs two fused attentions (all queries
+against the one prefix, each query against its own tokens) merged by their log-sum-exp
+(``fewtune.scoring.shared_prefix``). ``auto`` picks ``split`` on CPU and ``sdpa`` on CUDA. Each kernel is timed interleaved (median of ``--repeats``) and compared with
 naive full-prompt scoring in fp32 on the same queries (largest |Δ log-prob|).
 
     python bench/bench_prefix_kernels.py            # 64 queries
     python bench/bench_prefix_kernels.py --quick    # 16 queries
+    python bench/bench_prefix_kernels.py --model DIR --json out.json   # any local model; rows as JSON
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from common import (  # noqa: E402
     write_section,
 )
 
-KERNELS = ("fp32", "sdpa")
+KERNELS = ("fp32", "sdpa", "split")
 
 
 def main() -> None:
@@ -40,7 +43,8 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="embedded")
+    p.add_argument("--model", default="embedded", help="a model spec or a local model directory")
+    p.add_argument("--json", help="also write the rows and the device as JSON here (bench/gpu_check.sh)")
     args = p.parse_args()
     if args.quick:
         args.queries, args.repeats = 16, 1
@@ -65,7 +69,7 @@ def main() -> None:
                                  precision=precision)
 
     naive = score(None, "fp32")
-    rows = []
+    rows, records = [], []
     for precision in dict.fromkeys([default, "fp32"]):
         times = interleaved({k: (lambda k=k: score(k, precision)) for k in KERNELS}, args.repeats)
         for k in KERNELS:
@@ -75,13 +79,19 @@ def main() -> None:
             agree = float((s.predictions() == naive.predictions()).mean())
             rows.append([k, precision, f"{median(times[k]):.2f}", f"{median(times[k]) / median(times['fp32']):.2f}×",
                          f"{diff:.1e}", f"{agree:.3f}"])
+            records.append({"kernel": k, "precision": precision, "seconds": median(times[k]),
+                            "vs_fp32_kernel": median(times[k]) / median(times["fp32"]), "max_abs_diff": diff,
+                            "agreement": agree})
             print(*rows[-1], sep=" | ", flush=True)
     body = (f"{args.model}, {args.shots}-shot MNLI ICL, {args.queries} queries, batch {args.batch_size}, device "
             f"{dev.type}; median of {args.repeats} interleaved repeats. Δ and agreement against naive scoring in fp32.\n\n"
             + md_table(["kernel", "precision", "seconds", "÷ fp32 kernel", "max |Δ log-prob|", "agreement"], rows)
             + "\n\n" + machine_lines(load_before, load_average()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(dev), "model": args.model, "queries": args.queries,
+                                               "load_before": load_before, "rows": records}, indent=1))
     if not args.no_write:
-        write_section("prefix-kernels", "9. Shared-prefix attention kernels: fp32 vs SDPA", body)
+        write_section("prefix-kernels", "9. Shared-prefix attention kernels: fp32, SDPA, split", body)
     print(body)
 
 
