@@ -6,6 +6,11 @@ its hint (how to fix it) without a traceback and exits non-zero. Anything else i
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FewtuneError(Exception):
     """An error caused by the user's input or environment, with a hint on how to fix it."""
@@ -51,3 +56,27 @@ class Interrupted(Exception):
     def __init__(self, hint: str | None = None) -> None:
         super().__init__("interrupted")
         self.hint = hint
+
+
+@contextmanager
+def ctrl_c_deferred(only_default_handler: bool = False) -> Iterator[None]:
+    """Hold a Ctrl-C back while the block runs, then raise it as KeyboardInterrupt.
+
+    Why: some code cannot be interrupted half way without damage — ``import torch`` initialises
+    numpy from C and swallows an error met there (a half-imported numpy), and Ray's own Python code
+    (``ray.init``, ``ray.wait``, ``ray.shutdown``) can be left with a cluster half started or a lock
+    never released. Only the main thread receives signals; elsewhere this does nothing. With
+    ``only_default_handler`` it also does nothing unless SIGINT has Python's default handler
+    (e.g. it is ignored in a background job)."""
+    if threading.current_thread() is not threading.main_thread() or (
+            only_default_handler and signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

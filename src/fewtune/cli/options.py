@@ -3,13 +3,11 @@ imports the other at module level)."""
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import typer
+
+from fewtune.errors import ctrl_c_deferred
 
 THREADS_HELP = ("torch CPU threads (run: default one per core; study: per run, default the study's 'threads:' key, "
                 "else what the study recorded, else 1 — fixed per study, as CPU results depend on it; on a machine "
@@ -48,31 +46,12 @@ def requested_threads() -> int | None:
     return _threads
 
 
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back while the block runs, then deliver it. ``import torch`` initialises numpy
-    from C and clears any error it meets there: a Ctrl-C at that moment was swallowed, leaving a
-    half-imported numpy and a run that went on ignoring it (measured: about one Ctrl-C in twelve
-    sent during the first second of ``fewtune run``: an import error instead of exit 130). Left
-    alone when SIGINT is not Python's default handler (e.g. ignored in a background job)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 def import_torch() -> None:
     """Import torch (and the runner that needs it) with Ctrl-C held back until it is done, and
     apply ``--threads``. Commands that run models call it first."""
-    with interrupts_deferred():
+    # ``import torch`` swallows a Ctrl-C met while numpy initialises from C (measured: about one in
+    # twelve sent during the first second of ``fewtune run`` gave an import error, not exit 130)
+    with ctrl_c_deferred(only_default_handler=True):
         import torch
 
         from fewtune.run import runner  # noqa: F401

@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from fewtune.errors import ConfigError
@@ -35,28 +33,6 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     except (OSError, OverflowError) as e:
         reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {reason} (within {timeout:g} s)", hint) from None
-
-
-@contextmanager
-def deferred_ctrl_c() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives during a call into Ray until the call returns, then raise it.
-
-    Why: a KeyboardInterrupt raised in the middle of Ray's own Python code (``ray.init``,
-    ``ray.wait``, ``ray.shutdown``) can leave it half done — a cluster half started, a lock never
-    released (``RuntimeError: release unlocked lock``), a shutdown that hangs. Each call the
-    driver makes is short (a wait is at most ``POLL_S``), so the delay is too. Only the main
-    thread receives signals; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    seen: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if seen:
-        raise KeyboardInterrupt
 
 
 def descendants(pid: int) -> list[int]:

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewtune.atomic import make_tmp_dir, output_error, replace_dir
-from fewtune.errors import ConfigError
+from fewtune.errors import ConfigError, ctrl_c_deferred
 from fewtune.study.executor import PRELOAD, Executor, Runner, RunOutcome, outcome_of
-from fewtune.study.ray_cluster import check_address, deferred_ctrl_c, descendants, reap
+from fewtune.study.ray_cluster import check_address, descendants, reap
 
 if TYPE_CHECKING:
     from fewtune.study.expand import PlannedRun
@@ -229,7 +229,7 @@ class RayExecutor(Executor):
         try:
             result = self._wait(ref)
         except BaseException:
-            with deferred_ctrl_c(), suppress(Exception):  # the cluster may be going away
+            with ctrl_c_deferred(), suppress(Exception):  # the cluster may be going away
                 self.ray.cancel(ref, force=True)
             raise
         finally:
@@ -256,14 +256,14 @@ class RayExecutor(Executor):
         a task cancelled by ``cancel_all`` (Ctrl-C seen by another thread) a KeyboardInterrupt."""
         ray = self.ray
         while True:
-            with deferred_ctrl_c():  # short waits: Ctrl-C is seen between them, never inside Ray
+            with ctrl_c_deferred():  # short waits: Ctrl-C is seen between them, never inside Ray
                 ready, _ = ray.wait([ref], timeout=POLL_S)
             if self._cancelling:  # interrupt() was called: do not wait for Ray to confirm the cancel
                 raise KeyboardInterrupt
             if ready:
                 break
         try:
-            with deferred_ctrl_c():
+            with ctrl_c_deferred():
                 return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             raise KeyboardInterrupt from None
@@ -287,7 +287,7 @@ class RayExecutor(Executor):
         with self._lock:
             self._cancelling = True
             refs = list(self._in_flight)
-        with deferred_ctrl_c():
+        with ctrl_c_deferred():
             for ref in refs:
                 with suppress(Exception):  # a task that finished or a cluster going away
                     self.ray.cancel(ref, force=True)
@@ -302,7 +302,7 @@ class RayExecutor(Executor):
         otherwise linger for minutes). A Ctrl-C meanwhile is held until it is done."""
         if self._in_flight:
             self.cancel_all()
-        with self._lock, deferred_ctrl_c():
+        with self._lock, ctrl_c_deferred():
             if self._started:
                 local = [] if self.address else descendants(os.getpid())
                 with suppress(Exception):  # a cluster whose start was interrupted: end its processes all the same
