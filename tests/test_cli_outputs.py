@@ -37,9 +37,9 @@ def fewtune_patched(patch: str, *args: str, data_dir: Path, cwd: Path) -> subpro
 NO_WORK = ("import fewtune.run.runner, fewtune.study\n"
            "def boom(*a, **k): raise SystemExit('work started')\n"
            "fewtune.run.runner.load_model = boom\nfewtune.study.run_study = boom\n")
-DISK_FULL = ("import fewtune.run.runner\n"
+DISK_FULL = ("import fewtune.run.output\n"
              "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-             "fewtune.run.runner.replace_dir = full\n")
+             "fewtune.run.output.replace_dir = full\n")
 
 
 def _hidden(d: Path) -> list[str]:

@@ -227,7 +227,7 @@ def test_refused_report_on_an_empty_study_db_writes_nothing_beside_it(tmp_path, 
 def test_a_mount_point_as_run_out_is_refused_before_any_work(tmp_path, monkeypatch):
     from fewtune.config import RunConfig
     from fewtune.errors import ConfigError
-    from fewtune.run.runner import check_out_dir
+    from fewtune.run.output import check_out_dir
 
     target = tmp_path / "mnt"
     target.mkdir()

@@ -32,7 +32,7 @@ from fewtune.methods.icl import ICL
 from fewtune.models import embedded
 from fewtune.models.loading import LoadedModel, embedded_model_dir, load_tokenizer
 from fewtune.models.tiny import family_of, is_tiny, tiny_config
-from fewtune.run.runner import EvalData, load_eval_sets
+from fewtune.run.evaluation import EvalData, load_eval_sets
 from fewtune.run.selection import MIN_FOLD_EXAMPLES, fold_size_warning
 from fewtune.scoring.batching import encode_prompts
 from fewtune.tasks import get_task, load_train

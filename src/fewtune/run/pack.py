@@ -24,18 +24,12 @@ import torch
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError, TrainingDiverged
 from fewtune.models.adapter import backbone_and_head
+from fewtune.run.evaluation import load_eval_sets
+from fewtune.run.output import check_out_dir
 from fewtune.run.packable import PackResult, PackSpec
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
-from fewtune.run.runner import (
-    _make_method,
-    check_out_dir,
-    finish_run,
-    load_base,
-    load_eval_sets,
-    run_experiment,
-    write_diverged,
-)
+from fewtune.run.runner import _make_method, finish_run, load_base, run_experiment, write_diverged
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed

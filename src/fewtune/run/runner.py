@@ -8,10 +8,6 @@ every process trains; only process 0 evaluates, writes and logs to trackers.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,29 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from fewtune.atomic import (
-    check_replaceable,
-    clean_stale_tmp_dirs,
-    ensure_writable_dir,
-    make_tmp_dir,
-    output_error,
-    replace_dir,
-)
 from fewtune.config import RunConfig
-from fewtune.errors import ConfigError, FewtuneError, TrainingDiverged
+from fewtune.errors import FewtuneError, TrainingDiverged
 from fewtune.methods import METHODS, Method, Predictions, RunContext
 from fewtune.models.loading import LoadedModel, load_model, resolve_precision
+from fewtune.run.evaluation import EvalData, load_eval_sets, predict_eval_sets
 from fewtune.run.identity import provenance
+from fewtune.run.output import check_out_dir, clean_json, write_run
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
 from fewtune.run.selection import select_values, with_values
 from fewtune.stats.metrics import accuracy, eval_set_metrics, loss_collapse, mcc
-from fewtune.tasks import get_task, load_eval, load_train
+from fewtune.tasks import get_task, load_train
 from fewtune.tasks.base import Example, Task
 from fewtune.tasks.prompts import Pattern, verbalizer_token_ids
-from fewtune.tasks.sampling import FewShotSample, few_shot_sample, stratified_subsample
+from fewtune.tasks.sampling import FewShotSample, few_shot_sample
 from fewtune.training import distributed
 from fewtune.training.tracking import check_available, log_run
 
@@ -54,44 +43,6 @@ class RunResult:
     out_dir: Path | None
     reused: bool = False  # out_dir already held this finished run; nothing was run
     main_process: bool = True  # False on the other processes of a data-parallel launch (they write nothing)
-
-
-@dataclass
-class EvalData:
-    name: str
-    examples: list[Example]
-    domain: str
-    warning: str | None
-    group_fields: tuple[str, ...]
-    full_size: int
-
-
-def load_eval_sets(task: Task, cfg: RunConfig, data_dir: Path | None) -> list[EvalData]:
-    out = []
-    for name in cfg.eval_sets or []:
-        split = task.eval_split(name)
-        full = load_eval(task, name, data_dir)
-        exs = stratified_subsample(full, cfg.eval_limit, cfg.eval_seed) if cfg.eval_limit else full
-        domain = "id" if name in task.in_domain else "ood"
-        out.append(EvalData(name, exs, domain, split.warning, split.group_fields, len(full)))
-    return out
-
-
-def _progress_task(progress, description: str, total: int):
-    if progress is None:
-        return None, None
-    tid = progress.add_task(description, total=total)
-    return tid, (lambda k: progress.advance(tid, k))
-
-
-def predict_eval_sets(method: Method, evals: list[EvalData], progress=None) -> dict[str, Predictions]:
-    preds = {}
-    for ev in evals:
-        tid, advance = _progress_task(progress, f"  eval {ev.name}", len(ev.examples))
-        preds[ev.name] = method.predict(ev.examples, on_batch=advance).keyed([e.id for e in ev.examples])
-        if tid is not None:
-            progress.remove_task(tid)
-    return preds
 
 
 @dataclass
@@ -313,7 +264,7 @@ def _log(run: _Run, metrics: dict) -> None:
     cfg = run.cfg
     if cfg.log_to and (cfg.log_dir or run.out_dir is not None):
         log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(run.out_dir) / "trackers"  # type: ignore[arg-type]
-        log_run(cfg.log_to, cfg.result_dump(), _clean(metrics), log_dir)
+        log_run(cfg.log_to, cfg.result_dump(), clean_json(metrics), log_dir)
 
 
 def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
@@ -359,66 +310,6 @@ def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfi
     return accuracy(gold[keep], p.pred[keep])
 
 
-def check_out_dir(cfg: RunConfig, run_id: str, out_dir: Path, *, overwrite: bool = False) -> dict | None:
-    """Before any work: ``out_dir`` must be a writable place that this run will not destroy by
-    surprise. Returns the metrics of this same run, finished, if ``out_dir`` already holds it.
-
-    Refused (``ConfigError``): ``out_dir`` is a file; a non-empty directory that is not a run; a
-    run with another config (unless ``overwrite``), listing the differences. Temporaries of
-    killed earlier writers of ``out_dir`` are removed here.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file, not a directory",
-                          "give --out a directory path (the file was left untouched)")
-    clean_stale_tmp_dirs(out_dir)
-    check_replaceable(out_dir)
-    ensure_writable_dir(out_dir.parent)
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return None
-    metrics = _read_json(out_dir / "metrics.json")
-    if metrics is None:
-        raise ConfigError(f"output directory {out_dir} exists and is not a fewtune run", "choose a new --out directory")
-    if overwrite:
-        return None
-    diffs = config_differences(_read_yaml(out_dir / "config.yaml"), cfg.result_dump())
-    same = metrics.get("run_id") == run_id or not diffs
-    if same:  # a finished run is done; a failure record of the same config is simply retried
-        return metrics if metrics.get("status", "ok") == "ok" else None
-    raise ConfigError(
-        f"{out_dir} already holds a run with a different config (existing → this run):\n  " + "\n  ".join(diffs),
-        "choose another --out directory, or add --overwrite to replace that run")
-
-
-def config_differences(old: dict | None, new: dict, prefix: str = "") -> list[str]:
-    """``key.path: old → new`` for every leaf that differs between two config dumps."""
-    if old is None:
-        return ["(the existing config.yaml is missing or unreadable)"]
-    out = []
-    for key in sorted(set(old) | set(new), key=str):
-        a, b, path = old.get(key, "<unset>"), new.get(key, "<unset>"), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{path}.")
-        elif a != b:
-            out.append(f"{path}: {a!r} → {b!r}")
-    return out
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_yaml(path: Path) -> dict | None:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _clip_context(cfg: RunConfig, max_positions: int | None) -> RunConfig:
     if max_positions and cfg.max_context > max_positions:
         return cfg.model_copy(update={"max_context": max_positions})
@@ -438,63 +329,6 @@ def _curve_point(method: Method, evals: list[EvalData], task: Task) -> dict:
         keep = ~p.skipped
         out[ev.name] = {"accuracy": accuracy(gold[keep], p.pred[keep]), "mcc": mcc(gold[keep], p.pred[keep], task.num_labels)}
     return out
-
-
-def write_run(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
-              preds: dict[str, Predictions], task: Task, tokenizer) -> None:
-    """Write all run files into a temp dir next to ``out_dir`` and rename it into place; an OS
-    refusal (ENOSPC, EROFS, …) becomes an ``OutputError`` (exit 1)."""
-    try:
-        _write_run_files(out_dir, cfg, manifest, metrics, evals, preds, tokenizer)
-    except OSError as e:  # full disk, read-only mount, …: say so, leave no temporaries (done below)
-        raise output_error(e, out_dir, "write results to") from None
-
-
-def _write_run_files(out_dir: Path, cfg: RunConfig, manifest: dict, metrics: dict, evals: list[EvalData],
-                     preds: dict[str, Predictions], tokenizer) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp_dir(out_dir)
-    try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.result_dump(), sort_keys=False))
-        (tmp / "sample.json").write_text(json.dumps(manifest, indent=1))
-        with open(tmp / "predictions.jsonl", "w") as f:
-            for ev in evals:
-                p = preds[ev.name]
-                for i, e in enumerate(ev.examples):
-                    row = {
-                        "eval_set": ev.name, "id": e.id, "gold": e.label,
-                        "pred": int(p.pred[i]), "skipped": bool(p.skipped[i]),
-                        "label_logprobs": [None if not math.isfinite(v) else round(float(v), 6) for v in p.label_scores[i]],
-                    }
-                    if p.full_argmax_token is not None and not p.skipped[i]:
-                        row["full_argmax"] = tokenizer.convert_ids_to_tokens(int(p.full_argmax_token[i]))
-                        row["outside_verbalizer"] = bool(p.outside_verbalizer[i])
-                    if p.tie is not None and p.tie[i]:
-                        row["tie"] = True  # the best label score was shared exactly; pred is a seeded coin
-                    if e.groups:
-                        row["groups"] = e.groups
-                    f.write(json.dumps(row) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, allow_nan=False))
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _clean(x):
-    """NaN/inf → None so metrics.json is strict JSON."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 __all__ = ["RunResult", "run_experiment", "FewtuneError"]

@@ -207,7 +207,7 @@ def _stop(proc: Any) -> None:
 
 
 def _remove_partial(run_dir: Path) -> None:
-    """Temporary directories of a run stopped mid-write (``.<id>.tmp-*``, see runner.write_run).
+    """Temporary directories of a run stopped mid-write (``.<id>.tmp-*``, see run.output.write_run).
     A complete ``run_dir`` is left alone: the next call of the study adopts it."""
     import shutil
 
