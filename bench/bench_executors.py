@@ -32,16 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    base_parser,
-    data_dir,
-    load_average,
-    machine_lines,
-    md_table,
-    median,
-    write_section,
-)
+from common import REPO, base_parser, data_dir, load_average, machine_lines, md_table, median, write_section  # noqa: E402
 
 
 def parse_executors(text: str) -> list[tuple[str, int]]:

@@ -22,16 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    base_parser,
-    data_dir,
-    load_average,
-    machine_lines,
-    md_table,
-    setup,
-    stopwatch,
-    write_section,
-)
+from common import base_parser, data_dir, load_average, machine_lines, md_table, setup, stopwatch, write_section  # noqa: E402
 
 
 def main() -> None:

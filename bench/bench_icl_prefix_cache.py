@@ -21,17 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    base_parser,
-    data_dir,
-    load_average,
-    machine_lines,
-    md_table,
-    median,
-    setup,
-    stopwatch,
-    write_section,
-)
+from common import base_parser, data_dir, load_average, machine_lines, md_table, median, setup, stopwatch, write_section  # noqa: E402
 
 GOAL = 8.0
 
@@ -40,11 +30,7 @@ def build_prompts(tok, shots: int, queries: int, seed: int = 0) -> tuple[str, li
     """The ICL prefix (balanced, shuffled demonstrations) and the queries, as ``methods.icl`` builds them."""
     from fewtune.tasks import get_task, load_eval, load_train
     from fewtune.tasks.prompts import verbalizer_token_ids
-    from fewtune.tasks.sampling import (
-        balanced_demonstrations,
-        few_shot_sample,
-        stratified_subsample,
-    )
+    from fewtune.tasks.sampling import balanced_demonstrations, few_shot_sample, stratified_subsample
 
     task = get_task("mnli")
     pattern = task.pattern(None)

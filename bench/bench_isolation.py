@@ -35,16 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    base_parser,
-    data_dir,
-    load_average,
-    machine_lines,
-    md_table,
-    median,
-    write_section,
-)
+from common import REPO, base_parser, data_dir, load_average, machine_lines, md_table, median, write_section  # noqa: E402
 
 EXECUTORS = ("subprocess", "inprocess")
 RUN = {"model": "embedded", "task": "cola", "n": 16, "seed": 0, "eval_limit": 32, "eval_batch_size": 16, "precision": "auto",

@@ -33,14 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    base_parser,
-    load_average,
-    machine_lines,
-    md_table,
-    setup,
-    write_section,
-)
+from common import base_parser, load_average, machine_lines, md_table, setup, write_section  # noqa: E402
 
 METHODS = ["vanilla", "pbft", "adaptive", "lora", "distill"]
 GOALS = {"distill": ("vanilla", 1.1), "lora": ("vanilla", 0.6)}

@@ -23,16 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_icl_prefix_cache import build_prompts  # noqa: E402
-from common import (  # noqa: E402
-    base_parser,
-    interleaved,
-    load_average,
-    machine_lines,
-    md_table,
-    median,
-    setup,
-    write_section,
-)
+from common import base_parser, interleaved, load_average, machine_lines, md_table, median, setup, write_section  # noqa: E402
 
 KERNELS = ("fp32", "sdpa", "split")
 

@@ -32,16 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    base_parser,
-    build_method,
-    load_average,
-    machine_lines,
-    md_table,
-    setup,
-    stopwatch,
-    write_section,
-)
+from common import base_parser, build_method, load_average, machine_lines, md_table, setup, stopwatch, write_section  # noqa: E402
 
 GOAL_RELEASED, GOAL_BARE = 5.0, 1.15
 

@@ -10,12 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fewtune.scoring.calibration import (
-    CONTENT_FREE,
-    apply,
-    calibrate,
-    mean_distribution,
-)
+from fewtune.scoring.calibration import CONTENT_FREE, apply, calibrate, mean_distribution
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

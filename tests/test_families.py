@@ -18,13 +18,7 @@ from fewtune.models.loading import load_model, load_tokenizer
 from fewtune.models.tiny import build_tiny
 from fewtune.run.resources import ResourceMeter
 from fewtune.scoring.heads import LMNet
-from fewtune.scoring.scorer import (
-    PATH_NAIVE,
-    PATH_PREFIX_CACHE,
-    encode_prompts,
-    pad_batch,
-    score_prompts,
-)
+from fewtune.scoring.scorer import PATH_NAIVE, PATH_PREFIX_CACHE, encode_prompts, pad_batch, score_prompts
 from fewtune.tasks.prompts import verbalizer_token_ids
 
 CPU = torch.device("cpu")

@@ -18,12 +18,7 @@ from fewtune.methods._trainable import classify
 from fewtune.models.loading import backbone_and_head, load_model
 from fewtune.run.resources import count_parameters
 from fewtune.scoring.heads import ClassifierNet
-from fewtune.scoring.scorer import (
-    PATH_NAIVE,
-    last_token_logits,
-    pad_batch,
-    score_prompts,
-)
+from fewtune.scoring.scorer import PATH_NAIVE, last_token_logits, pad_batch, score_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HIDDEN, LABELS = 64, 2  # tiny-random's hidden size; the toy task's labels

@@ -5,13 +5,7 @@ import pytest
 from sklearn.metrics import matthews_corrcoef
 
 from fewtune.scoring.scorer import argmax_breaking_ties
-from fewtune.stats.metrics import (
-    accuracy,
-    eval_set_metrics,
-    loss_collapse,
-    mcc,
-    prediction_collapse,
-)
+from fewtune.stats.metrics import accuracy, eval_set_metrics, loss_collapse, mcc, prediction_collapse
 
 
 def test_mcc_matches_hand_computed_binary():

@@ -3,18 +3,8 @@ import pytest
 import torch
 
 from fewtune.errors import ConfigError
-from fewtune.models.loading import (
-    autocast,
-    backbone_and_head,
-    load_model,
-    resolve_precision,
-)
-from fewtune.scoring.scorer import (
-    head_logits,
-    last_hidden,
-    last_token_logits,
-    pad_batch,
-)
+from fewtune.models.loading import autocast, backbone_and_head, load_model, resolve_precision
+from fewtune.scoring.scorer import head_logits, last_hidden, last_token_logits, pad_batch
 
 
 def test_tiny_model_is_seeded_and_pads_right(tokenizer):

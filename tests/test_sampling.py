@@ -13,11 +13,7 @@ import pytest
 from fewtune.errors import ConfigError
 from fewtune.tasks import load_eval, load_train
 from fewtune.tasks.base import Example
-from fewtune.tasks.sampling import (
-    balanced_demonstrations,
-    few_shot_sample,
-    stratified_subsample,
-)
+from fewtune.tasks.sampling import balanced_demonstrations, few_shot_sample, stratified_subsample
 
 
 def pool(sizes: list[int]) -> list[Example]:

@@ -15,12 +15,7 @@ import torch
 
 from fewtune.errors import ContextLengthError, DataError
 from fewtune.models.loading import load_model
-from fewtune.scoring.scorer import (
-    PATH_NAIVE,
-    PATH_PREFIX_CACHE,
-    encode_prompts,
-    score_prompts,
-)
+from fewtune.scoring.scorer import PATH_NAIVE, PATH_PREFIX_CACHE, encode_prompts, score_prompts
 from fewtune.tasks.prompts import verbalizer_token_ids
 
 SENTENCES = [

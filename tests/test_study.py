@@ -17,16 +17,7 @@ import yaml
 from executor_runners import write_fake
 
 from fewtune.errors import ConfigError
-from fewtune.study import (
-    expand,
-    load_study,
-    parse_int_list,
-    parse_override,
-    parse_study,
-    preset_names,
-    run_study,
-    study_lock,
-)
+from fewtune.study import expand, load_study, parse_int_list, parse_override, parse_study, preset_names, run_study, study_lock
 from fewtune.study.executors import InProcessExecutor
 from fewtune.study.store import Store
 

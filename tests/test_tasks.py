@@ -16,16 +16,7 @@ from pathlib import Path
 import pytest
 
 from fewtune.errors import ConfigError, DataError
-from fewtune.tasks import (
-    TASKS,
-    builtin,
-    files,
-    get_task,
-    load_custom_task,
-    load_eval,
-    load_train,
-    register_custom_task,
-)
+from fewtune.tasks import TASKS, builtin, files, get_task, load_custom_task, load_eval, load_train, register_custom_task
 from fewtune.tasks.base import DataFile
 
 

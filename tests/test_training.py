@@ -11,12 +11,7 @@ from torch import nn
 
 from fewtune.config import TrainConfig
 from fewtune.errors import TrainingDiverged
-from fewtune.training.loop import (
-    LengthGroupedBatches,
-    _optimizer_groups,
-    make_scheduler,
-    train,
-)
+from fewtune.training.loop import LengthGroupedBatches, _optimizer_groups, make_scheduler, train
 
 CPU = torch.device("cpu")
 

@@ -63,10 +63,7 @@ def read_study(study_dir: Path | str) -> StudyIndex:
     if not (d / "study.db").is_file():
         raise ConfigError(f"{d} is not a study directory (no study.db)", "pass the --out directory of `fewtune study`")
     from fewtune.study.stale import kept_stale
-    from fewtune.study.store import (  # the one place that reads the study database
-        Store,
-        rebuild_hint,
-    )
+    from fewtune.study.store import Store, rebuild_hint  # the one place that reads the study database
 
     with Store(d, create=False) as store:
         try:

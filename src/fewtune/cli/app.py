@@ -58,13 +58,7 @@ def run(
 
     If OUT already holds this run (same config), finished, nothing is run again."""
     set_threads(threads)
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     data = load_yaml_file(config, "run config") if config else {}
     flags = {"task": task, "method": method, "n": n, "seed": seed, "model": model, "pattern": pattern,

@@ -52,12 +52,7 @@ from fewtune.scoring.calibration import CALIBRATION_HELP, Calibration
 from fewtune.scoring.heads import ClassifierNet, HeadKind, LMNet, init_std, make_head
 from fewtune.scoring.scorer import Scores, argmax_breaking_ties, score_prompts
 from fewtune.tasks.base import Example
-from fewtune.training.loop import (
-    Batch,
-    TrainResult,
-    enable_gradient_checkpointing,
-    train,
-)
+from fewtune.training.loop import Batch, TrainResult, enable_gradient_checkpointing, train
 
 Objective = Literal["classifier", "lm"]
 

@@ -119,9 +119,7 @@ class ModelAdapter:
 
     def lora_targets(self) -> list[str]:
         """peft's default LoRA target modules for this family."""
-        from peft.utils import (
-            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING,
-        )
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
 
         targets = MAPPING.get(self.family)
         if not targets:

@@ -16,13 +16,7 @@ from pathlib import Path
 
 from fewtune.atomic import write_atomic
 from fewtune.report import sections as s
-from fewtune.report.context import (
-    CSV_DIR,
-    FIGURES_DIR,
-    Context,
-    build_context,
-    claim_specs,
-)
+from fewtune.report.context import CSV_DIR, FIGURES_DIR, Context, build_context, claim_specs
 from fewtune.report.csvs import write_csvs
 from fewtune.report.data import StudyData, load_study_data
 from fewtune.report.doc import Doc, render_html, render_markdown

@@ -15,20 +15,8 @@ from fewtune.report.context import FIGURES_DIR, Context
 from fewtune.report.csvs import write_csv
 from fewtune.report.data import breakdown_specs, report_metrics
 from fewtune.report.doc import Doc, fmt_p, fmt_summary, slug
-from fewtune.report.plots import (
-    cost_points,
-    plot_accuracy_vs_n,
-    plot_breakdown,
-    plot_id_vs_ood,
-    plot_pareto,
-)
-from fewtune.report.tables import (
-    breakdown_table,
-    eval_sets_ordered,
-    resource_rows,
-    results_table,
-    warnings,
-)
+from fewtune.report.plots import cost_points, plot_accuracy_vs_n, plot_breakdown, plot_id_vs_ood, plot_pareto
+from fewtune.report.tables import breakdown_table, eval_sets_ordered, resource_rows, results_table, warnings
 
 
 def claims(ctx: Context) -> Doc:

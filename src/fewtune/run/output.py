@@ -13,14 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fewtune.atomic import (
-    check_replaceable,
-    clean_stale_tmp_dirs,
-    ensure_writable_dir,
-    make_tmp_dir,
-    output_error,
-    replace_dir,
-)
+from fewtune.atomic import check_replaceable, clean_stale_tmp_dirs, ensure_writable_dir, make_tmp_dir, output_error, replace_dir
 from fewtune.config import RunConfig
 from fewtune.errors import ConfigError
 from fewtune.methods import Predictions

@@ -33,17 +33,7 @@ from fewtune.run.runner import _make_method, finish_run, load_base, run_experime
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed
-from fewtune.training.packed import (
-    Member,
-    MemberRun,
-    Routing,
-    has_dropout,
-    install,
-    lora_layers,
-    member_generator,
-    train_pack,
-    use_packed_attention,
-)
+from fewtune.training.packed import Member, MemberRun, Routing, has_dropout, install, lora_layers, member_generator, train_pack, use_packed_attention
 
 
 @dataclass

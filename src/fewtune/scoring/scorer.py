@@ -31,18 +31,8 @@ import torch
 
 from fewtune.models.adapter import LogitTransform, adapter_for, backbone_and_head
 from fewtune.models.loading import autocast
-from fewtune.scoring.batching import (
-    Encoded,
-    encode_prompts,
-    length_sorted_batches,
-    pad_batch,
-)
-from fewtune.scoring.shared_prefix import (
-    PrefixCacheUnsupported,
-    encode_prefix,
-    query_hidden,
-    shared_prefix_mode,
-)
+from fewtune.scoring.batching import Encoded, encode_prompts, length_sorted_batches, pad_batch
+from fewtune.scoring.shared_prefix import PrefixCacheUnsupported, encode_prefix, query_hidden, shared_prefix_mode
 
 PATH_NAIVE = "naive"
 PATH_PREFIX_CACHE = "prefix_cache"

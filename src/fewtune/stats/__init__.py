@@ -27,19 +27,7 @@ from fewtune.stats.compare import (
                                    pareto_front,
                                    two_level_test,
 )
-from fewtune.stats.rows import (
-                                   ALPHA,
-                                   AXIS_KEYS,
-                                   CONFIDENCE,
-                                   MAJORITY,
-                                   MIN_PAIRS,
-                                   MIN_SEEDS,
-                                   EvalRow,
-                                   arm_labels,
-                                   collapse_reason,
-                                   eval_rows,
-                                   flatten,
-)
+from fewtune.stats.rows import ALPHA, AXIS_KEYS, CONFIDENCE, MAJORITY, MIN_PAIRS, MIN_SEEDS, EvalRow, arm_labels, collapse_reason, eval_rows, flatten
 from fewtune.stats.summary import (
                                    Summary,
                                    SummaryRow,

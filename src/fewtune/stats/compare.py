@@ -15,21 +15,9 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from fewtune.stats.resample import (
-    BOOTSTRAP_REPLICATES,
-    PairedBootstrap,
-    Scores,
-    Term,
-    paired_bootstrap,
-)
+from fewtune.stats.resample import BOOTSTRAP_REPLICATES, PairedBootstrap, Scores, Term, paired_bootstrap
 from fewtune.stats.rows import ALPHA, CONFIDENCE, MIN_PAIRS, MIN_SEEDS, EvalRow
-from fewtune.stats.summary import (
-    Summary,
-    arm_sort,
-    indistinguishable,
-    method_rank,
-    summarize,
-)
+from fewtune.stats.summary import Summary, arm_sort, indistinguishable, method_rank, summarize
 
 # --------------------------------------------------------------------------------------------
 # paired comparisons

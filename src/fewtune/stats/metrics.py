@@ -31,9 +31,7 @@ def mcc(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
     unchanged."""
     if mcc_undefined(gold):
         return float("nan")
-    from sklearn.metrics import (
-        matthews_corrcoef,  # lazy: ~0.5 s import, only when metrics are computed
-    )
+    from sklearn.metrics import matthews_corrcoef  # lazy: ~0.5 s import, only when metrics are computed
 
     return float(matthews_corrcoef(gold, pred))
 

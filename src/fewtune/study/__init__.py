@@ -7,32 +7,10 @@ The public API is re-exported here: ``from fewtune.study import load_study, expa
 
 from __future__ import annotations
 
-from fewtune.study.config import (
-    MAX_RUNS,
-    PRESETS,
-    StudyConfig,
-    load_study,
-    parse_int_list,
-    parse_override,
-    parse_study,
-    preset_names,
-)
-from fewtune.study.execute import (
-    LOCK_NAME,
-    MARKER_NAME,
-    STUDY_FILE,
-    StudyOutcome,
-    is_study_dir,
-    run_study,
-    study_lock,
-)
+from fewtune.study.config import MAX_RUNS, PRESETS, StudyConfig, load_study, parse_int_list, parse_override, parse_study, preset_names
+from fewtune.study.execute import LOCK_NAME, MARKER_NAME, STUDY_FILE, StudyOutcome, is_study_dir, run_study, study_lock
 from fewtune.study.executor import Executor, RunOutcome
-from fewtune.study.executors import (
-    EXECUTORS,
-    InProcessExecutor,
-    SubprocessExecutor,
-    make_executor,
-)
+from fewtune.study.executors import EXECUTORS, InProcessExecutor, SubprocessExecutor, make_executor
 from fewtune.study.expand import PlannedRun, count_runs, expand
 from fewtune.study.store import DB_NAME, RUNS_DIR, RunRecord, Store
 

@@ -42,12 +42,7 @@ import yaml
 
 from fewtune.config import RunConfig, TrainConfig
 from fewtune.errors import ConfigError
-from fewtune.overrides import (
-    Override,
-    check_flag_conflicts,
-    load_yaml_text,
-    parse_overrides,
-)
+from fewtune.overrides import Override, check_flag_conflicts, load_yaml_text, parse_overrides
 from fewtune.registry import closest, unknown_hint
 
 STUDY_KEYS = ("name", "description", "tasks", "methods", "claims", "resources", "pack", "threads")
@@ -175,9 +170,7 @@ def parse_study(data: Any, source: str = "") -> StudyConfig:
     base = {k: v for k, v in data.items() if k not in STUDY_KEYS}
     claims: list[dict[str, Any]] = []
     if data.get("claims") is not None:
-        from fewtune.stats.claims import (
-            load_claims,  # lazily: scipy/statsmodels are needed only when claims are declared
-        )
+        from fewtune.stats.claims import load_claims  # lazily: scipy/statsmodels are needed only when claims are declared
 
         claims = load_claims(data["claims"], where)
     return StudyConfig(name=name, description=desc, base=base, tasks=tasks, methods=methods, source=source, claims=claims,

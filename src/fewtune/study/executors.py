@@ -36,15 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from fewtune.errors import ConfigError
 from fewtune.registry import unknown_hint
-from fewtune.study.executor import (
-    PRELOAD,
-    Executor,
-    Runner,
-    RunOutcome,
-    default_runner,
-    format_error,
-    outcome_of,
-)
+from fewtune.study.executor import PRELOAD, Executor, Runner, RunOutcome, default_runner, format_error, outcome_of
 
 if TYPE_CHECKING:
     from fewtune.study.expand import PlannedRun

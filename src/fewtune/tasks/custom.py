@@ -46,16 +46,7 @@ from fewtune.registry import closest
 from fewtune.tasks.base import TASKS, DataFile, Example, Split, Task
 from fewtune.tasks.files import read_text, read_tsv
 from fewtune.tasks.prompts import Pattern
-from fewtune.tasks.spec import (
-    CustomTaskSpec,
-    EvalSetSpec,
-    FileSpec,
-    Format,
-    PatternSpec,
-    TaskSpec,
-    check_spec,
-    groups_of,
-)
+from fewtune.tasks.spec import CustomTaskSpec, EvalSetSpec, FileSpec, Format, PatternSpec, TaskSpec, check_spec, groups_of
 
 __all__ = ["CustomTaskSpec", "TaskSpec", "FileSpec", "EvalSetSpec", "PatternSpec", "load_custom_task", "load_task_file",
            "register_custom_task", "task_from_spec", "is_hub_split"]

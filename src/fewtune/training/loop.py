@@ -69,14 +69,7 @@ from torch.utils.data import DataLoader
 
 from fewtune.config import TrainConfig
 from fewtune.errors import ConfigError, TrainingDiverged
-from fewtune.training.batches import (
-    LengthGroupedBatches,
-    ShardedBatches,
-    _collate,
-    _Keys,
-    accumulation_scale,
-    shard_batch,
-)
+from fewtune.training.batches import LengthGroupedBatches, ShardedBatches, _collate, _Keys, accumulation_scale, shard_batch
 
 __all__ = ["Batch", "LengthGroupedBatches", "ShardedBatches", "TrainResult", "shard_batch", "train"]
 
@@ -186,10 +179,7 @@ def reset_accelerate_state() -> None:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> tuple[object, int]:
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if cfg.schedule == "linear":

@@ -36,15 +36,7 @@ from fewtune.errors import TrainingDiverged
 from fewtune.models.loading import autocast
 from fewtune.scoring.scorer import head_logits, last_hidden
 from fewtune.training.batches import LengthGroupedBatches, _collate
-from fewtune.training.loop import (
-    SYNC_EVERY,
-    Batch,
-    TrainResult,
-    _LossLog,
-    _optimizer_groups,
-    make_optimizer,
-    make_scheduler,
-)
+from fewtune.training.loop import SYNC_EVERY, Batch, TrainResult, _LossLog, _optimizer_groups, make_optimizer, make_scheduler
 
 DROPOUT_STREAM = 0x5EED  # the dropout generator's seed is model_seed offset by this (its own stream)
 PACKED_SDPA = "fewtune_packed_sdpa"
