@@ -139,7 +139,8 @@ def _legacy_hash(cfg: RunConfig) -> str:
     data = {k: v for k, v in cfg.model_dump(mode="json", round_trip=True).items() if k in fields}
     data["params"] = {k: v for k, v in data["params"].items() if k != "calibration"}
     data["train"] = {k: v for k, v in data["train"].items() if k != "gradient_checkpointing"}
-    data["identity"] = {k: v for k, v in cfg.identity.__dict__.items() if k != "model_dtype"}
+    # the identity's own fields (code digest, versions, threads…) as it dumps them, less model_dtype
+    data["identity"] = {k: v for k, v in cfg.identity.model_dump(mode="json").items() if k != "model_dtype"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

@@ -45,7 +45,8 @@ def print_summary(outcome: Any, console: Console) -> None:
     console.print(f"this call: {outcome.succeeded} finished, {outcome.failed_now} failed, "
                   f"{outcome.skipped_done} already done, {outcome.skipped_failed} previously failed (skipped)"
                   + (f", {outcome.adopted} recovered from disk" if outcome.adopted else "")
-                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else ""))
+                  + (f", {len(outcome.missing)} re-run because their directory was missing" if outcome.missing else "")
+                  + (f", {outcome.kept} kept from other code/library versions (--keep-stale)" if outcome.kept else ""))
     console.print(f"study: {c.get('done', 0)}/{outcome.planned} done, {c.get('failed', 0)} failed, "
                   f"{c.get('pending', 0)} pending")
 

@@ -168,6 +168,8 @@ class TrainableMethod(Method):
         self.train_result: TrainResult | None = None
         self._warnings: list[str] = []
         self._info: dict[str, Any] = {}
+        # the run's own dropout generators (LoRA's), replayed by gradient checkpointing
+        self.dropout_generators: list[torch.Generator] = []
 
     # ------------------------------------------------------------------ hooks
 
@@ -282,7 +284,7 @@ class TrainableMethod(Method):
         torch.manual_seed(ctx.cfg.model_seed)  # adapter init (LoRA) and anything else drawn from the global RNG
         self.adapt_model()
         if ctx.cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(ctx.lm.model)
+            enable_gradient_checkpointing(ctx.lm.model, self.dropout_generators)
         self.net = self.build_net()
         return seqs
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewtune.config import NOT_RESULT_FIELDS
 from fewtune.errors import ConfigError, DataError
 from fewtune.study.store import DB_NAME, RunRecord, Store
 
@@ -43,8 +44,10 @@ _WHAT = (
 
 def config_key(config: dict) -> str:
     """Canonical JSON of a config without its identity: equal for the same run under another
-    identity (how a study recognises stale results)."""
-    return json.dumps({k: v for k, v in config.items() if k != "identity"}, sort_keys=True, separators=(",", ":"))
+    identity (how a study recognises stale results), whether the config comes from the store or
+    from ``config.yaml`` (which leaves out the keys that compute nothing: ``NOT_RESULT_FIELDS``)."""
+    kept = {k: v for k, v in config.items() if k != "identity" and k not in NOT_RESULT_FIELDS}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
 def flat_identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,8 +58,10 @@ possibly different precisions or accumulation, so the loop resets it before and 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,20 +156,45 @@ def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, generators: Sequence[torch.Generator] = ()) -> None:
     """Recompute each decoder layer's activations during backward instead of storing them.
 
     Non-reentrant checkpointing (``use_reentrant=False``, PyTorch's recommendation) needs no input
     that requires grad; we still hook the embeddings' output when they are frozen (LoRA, adaptive
     FT) so that a model forcing the reentrant variant gets gradients through the layers too.
+    Checkpointing replays the global RNG on recomputation; ``generators`` (a run's own dropout
+    generators, ``methods.lora``) are replayed too, so the recomputed masks are the forward's.
     """
     if not getattr(model, "supports_gradient_checkpointing", False) or not hasattr(model, "gradient_checkpointing_enable"):
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing",
                           "set train.gradient_checkpointing=false for this model")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs: dict = {"use_reentrant": False}
+    if generators:
+        kwargs["context_fn"] = functools.partial(_replaying, tuple(generators))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     emb = model.get_input_embeddings()
     if emb is not None and not emb.weight.requires_grad:
         model.enable_input_require_grads()
+
+
+def _replaying(generators: tuple[torch.Generator, ...]) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of one checkpointed call: (forward context, recompute context). Called as the
+    layer's forward starts, so it snapshots the generators there; recomputation runs from that
+    snapshot and leaves them where they were."""
+    saved = [g.get_state() for g in generators]
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        now = [g.get_state() for g in generators]
+        for g, s in zip(generators, saved):
+            g.set_state(s)
+        try:
+            yield
+        finally:
+            for g, s in zip(generators, now):
+                g.set_state(s)
+
+    return contextlib.nullcontext(), recompute()
 
 
 def reset_accelerate_state() -> None:

@@ -74,9 +74,9 @@ class SeededDropout(nn.Module):
         return x * dropout_mask(x, self.p, self.gen)
 
 
-def seed_lora_dropout(model: nn.Module, seed: int, device: torch.device) -> int:
+def seed_lora_dropout(model: nn.Module, seed: int, device: torch.device) -> torch.Generator | None:
     """Give a lone peft LoRA model's dropout the run's own generator (``member_generator``), the
-    one its masks come from in a pack. Returns how many dropout modules were replaced."""
+    one its masks come from in a pack. Returns that generator (None: no dropout to replace)."""
     gen = member_generator(seed, device)
     count = 0
     for module in model.modules():
@@ -86,7 +86,7 @@ def seed_lora_dropout(model: nn.Module, seed: int, device: torch.device) -> int:
                 if isinstance(d, nn.Dropout) and d.p > 0:
                     drops[name] = SeededDropout(d.p, gen)
                     count += 1
-    return count
+    return gen if count else None
 
 
 def has_dropout(model: nn.Module) -> bool:
