@@ -1,6 +1,6 @@
 """The ``fewtune models`` command: the embedded models, their sizes, licences and install state.
 
-Kept apart from ``cli.py`` (registered like ``cli_study``) and free of torch/transformers imports:
+Kept apart from ``cli.app`` (registered like ``cli.study``) and free of torch/transformers imports:
 listing what is installed should be instant. The licence notices are printed in full — Gemma's
 terms are not an OSI licence, and a user must see that before running a study on it.
 """

@@ -1,4 +1,4 @@
-"""Options shared by several commands (``cli`` and ``cli_study`` both import this; neither
+"""Options shared by several commands (``cli.app`` and ``cli.study`` both import this; neither
 imports the other at module level)."""
 
 from __future__ import annotations

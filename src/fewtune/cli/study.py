@@ -1,6 +1,6 @@
 """The ``fewtune study`` and ``fewtune report`` commands (registered on the main typer app).
 
-Kept apart from ``cli.py`` so the study machinery (store, stats, report) is imported only when
+Kept apart from ``cli.app`` so the study machinery (store, stats, report) is imported only when
 these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` prints them.
 """
 

@@ -13,11 +13,11 @@ Two paths:
   tensor would be 49k wide).
 * **prefix cache** — when many queries share one prefix, the prefix runs once and the queries
   attend to its cached keys/values (``shared_prefix``). Where the model cannot (its family is
-  declared unsupported in ``model_adapter``, or the kernel detects it), scoring falls back to the
+  declared unsupported in ``models.adapter``, or the kernel detects it), scoring falls back to the
   naive path and ``Scores.note`` says so.
 
 Either way the LM head runs in fp32 and the family's logit post-processing (soft-capping,
-scaling: ``model_adapter``) is applied, so the log-probs are the model's own.
+scaling: ``models.adapter``) is applied, so the log-probs are the model's own.
 """
 
 from __future__ import annotations

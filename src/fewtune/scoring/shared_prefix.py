@@ -15,7 +15,7 @@ The kernel plugs into transformers' attention dispatch (``AttentionInterface``) 
 of a call (``shared_prefix_mode``), and ``query_hidden`` checks that every layer went through it;
 a model whose attention does not (custom code, sliding windows, attention sinks, soft-capping) or
 that cannot return a plain cache raises ``PrefixCacheUnsupported``, and scoring falls back to the
-naive path. Families known not to fit are declared in ``model_adapter`` and skip the attempt.
+naive path. Families known not to fit are declared in ``models.adapter`` and skip the attempt.
 
 The prefix keys/values are kept in the compute dtype (autocast's, else the model's) from the
 start, so no kernel casts them per batch or layer. Each batch of queries runs packed into one row
