@@ -31,7 +31,7 @@ STUDY = {"name": "packed", "model": "tiny-random", "task": "cola", "n": 2, "seed
                      {"method": "vanilla", "seed": [0]}]}
 
 
-def _results(out: Path) -> dict[str, tuple]:
+def results(out: Path) -> dict[str, tuple]:
     with Store(out) as s:
         rows = s.runs()
     assert rows and all(r.status == "done" for r in rows), [(r.status, r.error) for r in rows]
@@ -39,7 +39,7 @@ def _results(out: Path) -> dict[str, tuple]:
                        (out / r.run_dir / "predictions.jsonl").read_text()) for r in rows}
 
 
-def _packed(out: Path) -> dict[str, int | None]:
+def packed_counts(out: Path) -> dict[str, int | None]:
     with Store(out) as s:
         return {r.run_id: json.loads((out / r.run_dir / "metrics.json").read_text())["resources"].get("packed") for r in s.runs()}
 
@@ -51,7 +51,7 @@ def alone(tmp_path_factory, data_dir: Path) -> Path:
     return out
 
 
-def test_pack_cli_study_gives_every_run_its_lone_results(alone: Path, tmp_path: Path, data_dir: Path) -> None:
+def test_pack_cli_study_gives_every_run_its_loneresults(alone: Path, tmp_path: Path, data_dir: Path) -> None:
     """``--pack 4`` through the real CLI (subprocess executor): same run ids, eval metrics,
     predictions and losses as the study without packing; one run directory per member."""
     cfg = tmp_path / "s.yaml"
@@ -60,10 +60,10 @@ def test_pack_cli_study_gives_every_run_its_lone_results(alone: Path, tmp_path: 
     res = subprocess.run([sys.executable, "-m", "fewtune", "study", str(cfg), "--out", str(tmp_path / "out"), "--no-report",
                           "--pack", "4"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _results(tmp_path / "out") == _results(alone)
-    packed = _packed(tmp_path / "out")
+    assert results(tmp_path / "out") == results(alone)
+    packed = packed_counts(tmp_path / "out")
     assert sorted(packed.values(), key=str) == [4, 4, 4, 4, None, None]  # 4 + (1 lora, 1 vanilla) alone
-    assert _packed(alone) == dict.fromkeys(packed)
+    assert packed_counts(alone) == dict.fromkeys(packed)
 
 
 def test_study_key_pack_inprocess_and_resume_runs_only_unfinished(alone: Path, tmp_path: Path, data_dir: Path) -> None:
@@ -76,8 +76,8 @@ def test_study_key_pack_inprocess_and_resume_runs_only_unfinished(alone: Path, t
     run_experiment(planned[0].config, tmp_path / "runs" / planned[0].run_id, data_dir=data_dir)
     outcome = run_study(study, tmp_path, data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
     assert outcome.adopted == 1 and outcome.complete
-    assert _results(tmp_path) == _results(alone)
-    assert [v for v in _packed(tmp_path).values() if v] == [3, 3, 3]
+    assert results(tmp_path) == results(alone)
+    assert [v for v in packed_counts(tmp_path).values() if v] == [3, 3, 3]
 
 
 def test_grouping_by_key_in_order() -> None:

@@ -74,6 +74,23 @@ def test_identical_results_inprocess_and_ray(tmp_path: Path, data_dir: Path, clu
         assert placed["executor"] == "ray" and placed["resources"] == {"cpus": 1, "gpus": 0} and placed["node_id"]
 
 
+def test_a_pack_through_ray_gives_every_member_its_lone_results(tmp_path: Path, data_dir: Path, cluster) -> None:
+    """``--pack 4`` through Ray: one task per pack, each member's files written by the driver into
+    the member's own run directory; run ids, eval metrics, predictions and losses are those of
+    the study without packing, in-process."""
+    from test_pack import STUDY, packed_counts, results
+
+    run_study(_study(STUDY), tmp_path / "alone", data_dir=data_dir, show_progress=False, executor=InProcessExecutor())
+    run_study(_study({**STUDY, "pack": 4}), tmp_path / "ray", data_dir=data_dir, show_progress=False, executor=RayExecutor())
+    assert results(tmp_path / "ray") == results(tmp_path / "alone")
+    packed = packed_counts(tmp_path / "ray")
+    assert sorted(packed.values(), key=str) == [4, 4, 4, 4, None, None]
+    for run_id, k in packed.items():
+        placed = json.loads((tmp_path / "ray" / "runs" / run_id / EXECUTOR_FILE).read_text())
+        assert placed["executor"] == "ray" and (run_id in placed.get("packed_with", [])) == (k == 4)
+    assert not [p for p in (tmp_path / "ray" / "runs").iterdir() if p.name.startswith(".")]
+
+
 def test_files_are_written_by_the_driver_from_returned_data(tmp_path: Path, cluster) -> None:
     """The task writes into a worker-local directory; the study's run directory gets its files
     (nested ones too) from the data the task returned, plus executor.json."""

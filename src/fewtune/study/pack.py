@@ -16,7 +16,7 @@ from fewtune.run.packable import PackSpec, pack_key
 from fewtune.study.executor import RunOutcome
 from fewtune.study.expand import PlannedRun
 
-PACK_EXECUTORS = ("inprocess", "subprocess")  # executors that run a pack as one unit
+PACK_EXECUTORS = ("inprocess", "subprocess", "ray")  # executors that run a pack as one unit
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""The Ray executor: each run of a study is one Ray task, on a local or a remote Ray cluster.
+"""The Ray executor: each run of a study is one Ray task, on a local or a remote Ray cluster (a
+pack of runs, ``--pack``, is one task with the declared resources; each member's files go to
+the member's own run directory).
 
 Why it is built the way it is:
 
@@ -40,13 +42,15 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewtune.atomic import make_tmp_dir, output_error, replace_dir
 from fewtune.errors import ConfigError, ctrl_c_deferred
+from fewtune.run.packable import PackSpec
 from fewtune.study.executor import PRELOAD, Executor, Runner, RunOutcome, outcome_of
+from fewtune.study.pack import PackPlan
 from fewtune.study.ray_cluster import check_address, descendants, reap
 
 if TYPE_CHECKING:
@@ -92,10 +96,11 @@ class _InFlight:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """What a task returns: the outcome, the run's files (relative path → bytes), where it ran."""
+    """What a task returns: the outcome, the run's files (relative path → bytes; for a pack, per
+    member run directory name), where it ran."""
 
     outcome: RunOutcome
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,19 +112,29 @@ def run_task(runner: Runner | None, config: Any, run_name: str, data_dir: Path |
     if runner is None:
         for module in PRELOAD:  # before the run's clock starts, as the subprocess executor's fork server does
             importlib.import_module(module)
-        from fewtune.run.runner import run_experiment as runner
+        from fewtune.run.pack import run_unit as runner  # a run, or a pack of runs
     torch = sys.modules.get("torch")  # the real runner imports it; a stand-in need not pay for it
     if torch is not None:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="fewtune-ray-") as work:
         out_dir = Path(work) / run_name
-        outcome = outcome_of(lambda: runner(config, out_dir, data_dir=data_dir, progress=None))
-        files = {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()} \
-            if out_dir.is_dir() else {}
+        if isinstance(config, PackSpec):  # every member into a worker-local directory of its own name
+            config = replace(config, out_dirs=tuple(Path(work) / Path(d).name for d in config.out_dirs))
+            outcome = outcome_of(lambda: runner(config, out_dir, data_dir=data_dir, progress=None))
+            files = {Path(d).name: _read_files(Path(d)) for d in config.out_dirs}
+        else:
+            outcome = outcome_of(lambda: runner(config, out_dir, data_dir=data_dir, progress=None))
+            files = _read_files(out_dir)
     ctx = ray.get_runtime_context()
     placement = {"node_id": ctx.get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
                  "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch_threads": threads}
     return TaskResult(outcome, files, placement)
+
+
+def _read_files(out_dir: Path) -> dict[str, bytes]:
+    """What the runner wrote under ``out_dir`` (relative path → bytes); nothing if it wrote nothing."""
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()} \
+        if out_dir.is_dir() else {}
 
 
 def write_run_files(run_dir: Path, files: Mapping[str, bytes], executor_info: dict[str, Any]) -> None:
@@ -235,8 +250,14 @@ class RayExecutor(Executor):
         finally:
             with self._lock:
                 self._in_flight.pop(ref, None)
-        if result.files:
-            write_run_files(run_dir, result.files, self._executor_info(result, book))
+        info = self._executor_info(result, book)
+        if isinstance(planned, PackPlan):  # a pack: each member's files into the member's own run directory
+            for member_dir in planned.out_dirs:
+                files = result.files.get(member_dir.name)
+                if files:
+                    write_run_files(member_dir, files, {**info, "packed_with": [d.name for d in planned.out_dirs]})
+        elif result.files:
+            write_run_files(run_dir, result.files, info)
         return result.outcome
 
     def _submitted(self, ref: Any) -> _InFlight:
