@@ -33,7 +33,7 @@ from fewtune.run.runner import _make_method, finish_run, load_base, run_experime
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed
-from fewtune.training.packed import Member, MemberRun, Routing, has_dropout, install, lora_layers, member_generator, train_pack, use_packed_attention
+from fewtune.training.packed import Member, MemberRun, Routing, default_members_per_pass, has_dropout, install, lora_layers, member_generator, train_pack, use_packed_attention
 
 
 @dataclass
@@ -51,9 +51,11 @@ class _Slot:
     started: float = field(default_factory=time.time)
 
 
-def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path | None = None, progress=None) -> list[Any]:
+def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path | None = None, progress=None,
+             members_per_pass: int | None | str = "auto") -> list[Any]:
     """Run the members; per member its metrics (a dict) or the exception it failed with, in order.
-    A member whose ``out_dir`` already holds it finished returns those metrics unrun."""
+    A member whose ``out_dir`` already holds it finished returns those metrics unrun.
+    ``members_per_pass``: members through the base at once (``train_pack``; "auto": by device)."""
     slots, results = [], [None] * len(configs)
     for i, (cfg, out) in enumerate(zip(configs, out_dirs)):
         cfg = resolve(cfg)
@@ -68,14 +70,15 @@ def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path |
         else:
             slots.append((i, _Slot(cfg, run_id, Path(out))))
     if slots:
-        _run_slots([s for _, s in slots], data_dir, progress)
+        _run_slots([s for _, s in slots], data_dir, progress, members_per_pass)
         for i, s in slots:
             results[i] = s.result
     return results
 
 
-def _run_slots(slots: list[_Slot], data_dir: Path | None, progress) -> None:
+def _run_slots(slots: list[_Slot], data_dir: Path | None, progress, members_per_pass: int | None | str) -> None:
     dev = distributed.device()
+    per_pass = default_members_per_pass(dev) if members_per_pass == "auto" else members_per_pass
     meter = ResourceMeter(dev)  # one peak for the pack: the process's
     t0 = time.time()
     with meter.phase("prepare"):
@@ -111,7 +114,7 @@ def _run_slots(slots: list[_Slot], data_dir: Path | None, progress) -> None:
     body = backbone_and_head(lm.model)[0]
     with meter.phase("train"):
         train_pack(runs, body, routing, pad_id=lm.tokenizer.pad_token_id, precision=precision,
-                   device=dev, on_done=on_done)
+                   device=dev, on_done=on_done, members_per_pass=per_pass)
 
 
 def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Routing, dev: torch.device,

@@ -322,42 +322,67 @@ def _stack(batches: Sequence[Batch], pad_id: int, device: torch.device) -> tuple
 
 
 def train_pack(runs: list[MemberRun], body: nn.Module, routing: Routing, *, pad_id: int, precision: str, device: torch.device,
-               on_done: Callable[[MemberRun, TrainingDiverged | None], None]) -> None:
+               on_done: Callable[[MemberRun, TrainingDiverged | None], None], members_per_pass: int | None = None) -> None:
     """Step every active member once per pass until all are done; ``on_done(run, error)`` as each
-    member finishes (``error``: it diverged) — the caller evaluates and writes it at once."""
+    member finishes (``error``: it diverged) — the caller evaluates and writes it at once.
+
+    ``members_per_pass``: how many members' micro-batches go through the base in one forward and
+    backward (None: all). Fewer hold fewer activations at once; a member's gradient only depends
+    on its own rows, so the step is the same either way (``default_members_per_pass``)."""
     active = list(runs)
     for r in active:
         r.m.net.train()
     token = _ACTIVE.set(routing)
     try:
-        _steps(active, body, routing, pad_id, precision, device, on_done)
+        while active:
+            batches = [r.next_batch() for r in active]
+            chunk = members_per_pass or len(active)
+            losses = []
+            for i in range(0, len(active), chunk):
+                losses += _forward_backward(active[i:i + chunk], batches[i:i + chunk], body, routing, pad_id, precision, device)
+            active = _step_all(active, losses, on_done)
     finally:
         _ACTIVE.reset(token)
 
 
-def _steps(active: list[MemberRun], body: nn.Module, routing: Routing, pad_id: int, precision: str, device: torch.device,
-           on_done: Callable[[MemberRun, TrainingDiverged | None], None]) -> None:
-    while active:
-        batches = [r.next_batch() for r in active]
-        ids, mask, last, spans = _stack(batches, pad_id, device)
-        routing.segments = [(r.m.slot, rows, length, bool(b.mask.all())) for r, (rows, length), b in zip(active, spans, batches)]
-        with autocast(precision, device):
-            h = last_hidden(body, ids, mask, last)
-            logits = [net_logits(r.m.net, h[rows]) for r, (rows, _) in zip(active, spans)]
-        losses = [r.m.loss_fn(lg, _on(b, device)) for r, lg, b in zip(active, logits, batches)]
-        torch.stack(losses).sum().backward()
-        still = []
-        for r, loss in zip(active, losses):
-            try:
-                r.step(loss)
-            except TrainingDiverged as e:
-                on_done(r, e)
-                continue
-            if r.done:
-                on_done(r, None)
-            else:
-                still.append(r)
-        active = still
+def default_members_per_pass(device: torch.device) -> int | None:
+    """One member per pass on a CPU, all on an accelerator. A CPU is compute-bound: one forward
+    over K members' rows costs what K forwards cost, so running them together gains nothing and
+    holds K micro-batches' activations at once (and, under bf16, rounds the base's products
+    differently for a different number of rows). An accelerator at small batches is far from
+    busy: one pass over all members' rows is where packing gains."""
+    return 1 if device.type == "cpu" else None
+
+
+def _forward_backward(active: list[MemberRun], batches: list[Batch], body: nn.Module, routing: Routing, pad_id: int,
+                      precision: str, device: torch.device) -> list[torch.Tensor]:
+    """The members' micro-batches through the base together, each member's loss on its own rows,
+    and the backward pass (the sum's gradient is each member's own: their parameters are disjoint)."""
+    ids, mask, last, spans = _stack(batches, pad_id, device)
+    routing.segments = [(r.m.slot, rows, length, bool(b.mask.all())) for r, (rows, length), b in zip(active, spans, batches)]
+    with autocast(precision, device):
+        h = last_hidden(body, ids, mask, last)
+        logits = [net_logits(r.m.net, h[rows]) for r, (rows, _) in zip(active, spans)]
+    losses = [r.m.loss_fn(lg, _on(b, device)) for r, lg, b in zip(active, logits, batches)]
+    torch.stack(losses).sum().backward()
+    return losses
+
+
+def _step_all(active: list[MemberRun], losses: list[torch.Tensor],
+              on_done: Callable[[MemberRun, TrainingDiverged | None], None]) -> list[MemberRun]:
+    """Each member's optimizer step; the members still training."""
+    still = []
+    for r, loss in zip(active, losses):
+        try:
+            r.step(loss)
+        except TrainingDiverged as e:
+            on_done(r, e)
+            continue
+        if r.done:
+            on_done(r, None)
+        else:
+            still.append(r)
+    return still
 
 
 def _on(b: Batch, device: torch.device) -> Batch:
@@ -365,4 +390,4 @@ def _on(b: Batch, device: torch.device) -> Batch:
 
 
 __all__ = ["Member", "MemberRun", "PackedLoRALinear", "Routing", "SeededDropout", "has_dropout", "install", "lora_layers",
-           "member_generator", "seed_lora_dropout", "train_pack", "use_packed_attention"]
+           "member_generator", "default_members_per_pass", "seed_lora_dropout", "train_pack", "use_packed_attention"]
