@@ -78,6 +78,23 @@ def test_study_key_pack_inprocess_and_resume_runs_only_unfinished(alone: Path, t
     assert outcome.adopted == 1 and outcome.complete
     assert results(tmp_path) == results(alone)
     assert [v for v in packed_counts(tmp_path).values() if v] == [3, 3, 3]
+    _packed_costs_left_out_of_the_report(tmp_path)
+
+
+def _packed_costs_left_out_of_the_report(out: Path) -> None:
+    """A packed run's peak memory and training time are the pack's: the report's cost figures
+    leave them out and say so; its results and own eval time stay (also through the results API)."""
+    from fewtune.report import write_report
+    from fewtune.report.data import load_study_data
+    from fewtune.results import load_runs, to_eval_rows
+
+    for rows in (load_study_data(out).rows, to_eval_rows(load_runs(out))):
+        packed = [r for r in rows if r.packed]
+        assert {r.packed for r in packed} == {3} and len({r.run_id for r in packed}) == 3
+        assert all(r.peak_memory_mb is None and r.train_seconds is None and r.eval_seconds for r in packed)
+        assert all(r.peak_memory_mb and r.train_seconds is not None for r in rows if not r.packed)
+    text = write_report(out).markdown.read_text()
+    assert "3 runs were trained in packs (--pack)" in text
 
 
 def test_grouping_by_key_in_order() -> None:

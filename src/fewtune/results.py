@@ -27,9 +27,9 @@ from fewtune.errors import ConfigError, DataError
 
 RUN_COLUMNS = ["run_id", "status", "model", "task", "method", "arm", "params", "n", "n_applies", "seed", "eval_set", "domain",
                "accuracy", "mcc", "majority_baseline", "majority_label", "n_eval", "n_skipped", "peak_memory_mb", "memory_kind",
-               "trainable_params", "total_params", "train_seconds", "eval_seconds", "collapsed", "warning", "selection", "error",
+               "trainable_params", "total_params", "train_seconds", "eval_seconds", "packed", "collapsed", "warning", "selection", "error",
                "run_dir", "kept_stale"]
-_INT_COLUMNS = ("n", "seed", "n_eval", "n_skipped", "trainable_params", "total_params")
+_INT_COLUMNS = ("n", "seed", "n_eval", "n_skipped", "trainable_params", "total_params", "packed")
 _DICT_FIELDS = ("per_label", "groups")  # nested per-label/per-group metrics: in metrics.json, not in the flat table
 
 
@@ -222,7 +222,7 @@ def to_eval_rows(frame: pd.DataFrame) -> list[st.EvalRow]:
     for rec in done[names].to_dict("records"):
         clean = {k: (None if pd.isna(v) and k not in ("accuracy", "mcc", "majority_baseline") else v) for k, v in rec.items()}
         clean.update({k: float("nan") for k in ("accuracy", "mcc", "majority_baseline") if pd.isna(clean[k])})
-        clean.update({k: int(clean[k]) for k in ("trainable_params", "total_params") if clean[k] is not None})
+        clean.update({k: int(clean[k]) for k in ("trainable_params", "total_params", "packed") if clean[k] is not None})
         clean["n"], clean["seed"], clean["n_eval"], clean["n_skipped"] = (int(clean[k]) for k in ("n", "seed", "n_eval", "n_skipped"))
         out.append(st.EvalRow(**clean))
     return out

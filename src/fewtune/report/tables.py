@@ -148,6 +148,11 @@ def warnings(data: StudyData, summary: Sequence[st.SummaryRow]) -> list[str]:
         s, t = sum(a for a, _ in v), sum(b for _, b in v)
         out.append(f"{arm} · {task} · n={n} · {es}: {s} of {t} eval examples skipped (prompt longer than the context) "
                    f"over {len(v)} runs; accuracy is over the remaining examples only.")
+    packed = {r.run_id for r in data.rows if r.packed}
+    if packed:
+        out.append(f"{len(packed)} runs were trained in packs (--pack): their peak memory and training time are the pack's, "
+                   "shared with other runs, so they are left out of the memory and time figures (each run's metrics.json "
+                   "holds them under resources.pack); their results are those of the runs alone.")
     kinds = {r.memory_kind for r in data.rows if r.memory_kind}
     if len(kinds) > 1:
         out.append(f"Peak memory was measured in different ways ({', '.join(sorted(kinds))}); those numbers are not comparable.")

@@ -53,6 +53,9 @@ class EvalRow:
     total_params: int | None = None
     train_seconds: float | None = None
     eval_seconds: float | None = None
+    # A run trained in a pack (``--pack``): its peak memory and training time are the pack's, not
+    # its own, so they are left out (None) rather than compared with lone runs' costs.
+    packed: int | None = None
     per_label: dict[str, Any] = field(default_factory=dict)
     groups: dict[str, Any] = field(default_factory=dict)
     # Why kept and flagged, not dropped: a collapsed run is a real outcome of its method (it
@@ -155,6 +158,7 @@ def eval_rows(runs: Iterable[tuple[str, dict[str, Any], dict[str, Any]]], labels
     rows: list[EvalRow] = []
     for rid, cfg, m in runs:
         res = m.get("resources") or {}
+        packed = res.get("packed")
         for name, ev in (m.get("eval") or {}).items():
             rows.append(EvalRow(
                 run_id=rid,
@@ -173,12 +177,13 @@ def eval_rows(runs: Iterable[tuple[str, dict[str, Any], dict[str, Any]]], labels
                 majority_baseline=_num(ev.get("majority_baseline")),
                 majority_label=ev.get("majority_label"),
                 warning=ev.get("warning"),
-                peak_memory_mb=res.get("peak_memory_mb"),
+                peak_memory_mb=None if packed else res.get("peak_memory_mb"),
                 memory_kind=res.get("memory_kind"),
                 trainable_params=res.get("trainable_params"),
                 total_params=res.get("total_params"),
-                train_seconds=res.get("train_seconds"),
+                train_seconds=None if packed else res.get("train_seconds"),
                 eval_seconds=res.get("eval_seconds"),
+                packed=packed,
                 per_label=ev.get("per_label") or {},
                 groups=ev.get("groups") or {},
                 collapsed=collapse_reason(m, ev),
