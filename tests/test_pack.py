@@ -18,7 +18,7 @@ from fewtune.run.pack import run_pack
 from fewtune.run.packable import pack_key
 from fewtune.study import expand, parse_study, run_study
 from fewtune.study.executors import InProcessExecutor
-from fewtune.study.pack import group
+from fewtune.study.pack import group, pack_summary
 from fewtune.study.store import Store
 
 # 4 LoRA seeds (data seeds), a rank-4 rsLoRA run with more steps (alone in its group with --pack 4;
@@ -102,6 +102,8 @@ def test_grouping_by_key_in_order() -> None:
     units = group(planned, 3)
     assert [len(u) for u in units if pack_key(u[0].config)] == [3, 2]  # r=2 seeds 0-2; seed 3 + rsLoRA (steps, rank: same key)
     assert sum(len(u) for u in units) == len(planned) and group(planned, 1) == [[p] for p in planned]
+    assert pack_summary(planned, 4).startswith("--pack 4: 4 runs in 1 pack(s), 2 run(s) alone (not packable: 1 vanilla;")
+    assert pack_summary(planned, 3).startswith("--pack 3: 5 runs in 2 pack(s), 1 run(s) alone (not packable: 1 vanilla;")
 
 
 def _cfg(seed: int, **train) -> RunConfig:

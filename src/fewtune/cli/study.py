@@ -94,7 +94,7 @@ def study_cmd(
     stale = guard_stale(out, [(p.run_id, p.config.model_dump(mode="json")) for p in planned], rerun_stale=rerun_stale or dry_run,
                         keep_stale=keep_stale and not dry_run)
     if dry_run:
-        return dry_run_study(planned, stale, out, data_dir)
+        return dry_run_study(planned, stale, out, data_dir, pack if pack is not None else study.pack)
     if not ray_address:  # a remote cluster's nodes, not this machine, hold the data the runs read
         check_inputs(planned, data_dir)
     check_study_dir(out, config)
@@ -129,12 +129,17 @@ def plan_study(config: str, overrides: list[str], seeds: Optional[str], n: Optio
     return study, expand(study), runs_in
 
 
-def dry_run_study(planned: list, stale: Any, out: Path, data_dir: Optional[Path]) -> None:
-    """``--dry-run``: list the runs and check that each can work; nothing is written."""
+def dry_run_study(planned: list, stale: Any, out: Path, data_dir: Optional[Path], pack: Optional[int] = None) -> None:
+    """``--dry-run``: list the runs, how they would be packed, and check that each can work;
+    nothing is written."""
+    from fewtune.study.pack import pack_summary
+
     out_console = Console()
     for p in planned:
         out_console.print(escape(f"{p.run_id}  {p.label()}  {p.config.model}  params={p.config.params}"))
     out_console.print(f"{len(planned)} runs" + (escape(f"; in {out}: {stale.message()}") if stale else ""))
+    if pack and pack > 1:
+        out_console.print(escape(pack_summary(planned, pack)))
     check_feasibility(planned, data_dir, out_console)
 
 

@@ -8,6 +8,7 @@ order into packs of up to K; a run that cannot be packed, or is alone in its gro
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def group(todo: list[PlannedRun], k: int) -> list[list[PlannedRun]]:
             units.append(unit)
         unit.append(p)
     return units
+
+
+def pack_summary(todo: list[PlannedRun], k: int) -> str:
+    """What ``--pack k`` would do with these runs (``--dry-run``): how many packs, and which runs
+    run alone because their method or settings cannot be packed (``pack_key``)."""
+    units = group(todo, k)
+    packs = [u for u in units if len(u) > 1]
+    alone = [u[0] for u in units if len(u) == 1]
+    unpackable = Counter(p.config.method for p in alone if pack_key(p.config) is None)
+    text = f"--pack {k}: {sum(map(len, packs))} runs in {len(packs)} pack(s), {len(alone)} run(s) alone"
+    if unpackable:
+        text += " (not packable: " + ", ".join(f"{n} {m}" for m, n in sorted(unpackable.items())) + "; see docs/packing.md)"
+    return text
 
 
 def member_outcomes(plan: PackPlan, result: RunOutcome) -> list[tuple[PlannedRun, RunOutcome]]:
