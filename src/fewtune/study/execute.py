@@ -93,8 +93,8 @@ def study_lock(out_dir: Path) -> Iterator[None]:
     the holder dies — even by ``kill -9`` — so a crashed study never blocks its own resumption."""
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / MARKER_NAME
-    if not marker.exists():
-        marker.write_text("a fewtune study directory (fewtune study --out); fewtune writes here\n")
+    if not marker.exists():  # atomic: a failed write (full disk) must not leave a half marker that claims the directory
+        write_atomic(marker, "a fewtune study directory (fewtune study --out); fewtune writes here\n")
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
