@@ -6,13 +6,15 @@ builds ``Scores`` by hand, so every expected number can be worked out on paper.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from test_stats import make_run
 
 from fewtune import stats as st
 from fewtune.errors import ConfigError
-from fewtune.report.claims import add_claims_section, claims_csv_rows
+from fewtune.report.claims import CLAIMS_CSV_HEADER, add_claims_section, claims_csv_rows
 from fewtune.report.doc import Doc, render_markdown
 from fewtune.stats import claims as cl
 from fewtune.stats.resample import PairedBootstrap, Scores, Term, paired_bootstrap
@@ -76,7 +78,7 @@ def test_claim_pbft_worse_ood_supported_and_contradicted() -> None:
     better = [make_run("cola", "pbft", 16, s, (0.70, 0.70 + 0.01 * s + 0.002 * (s % 2)), n_eval=5000) for s in range(5)]
     c = _claims(van + worse)["pbft-worse-ood"]
     assert c.verdict == "supported"
-    assert c.tests[0].mean_diff == pytest.approx(-0.0992, abs=1e-4)
+    assert c.tests[0].test.diff == pytest.approx(-0.0992, abs=1e-4)
     assert "5 samples / 5 seeds" in c.reason and "no predictions for cola-ood" in c.reason
     assert _claims(van + better)["pbft-worse-ood"].verdict == "contradicted"
 
@@ -99,7 +101,7 @@ def test_claim_efficient_is_non_inferiority_slightly_worse_supports_it() -> None
     """Claim 3 is one-sided: 'comparable to or slightly worse'. A CI inside [−0.10, −0.06] supports
     it (a ±0.05 equivalence test called it contradicted)."""
     c = _claims(_efficient(-0.08))["efficient-comparable"]
-    assert all(-0.10 < t.ci_low and t.ci_high < -0.06 for t in c.tests)
+    assert all(-0.10 < t.ci_low and t.ci_high < -0.06 for t in (x.test for x in c.tests))
     assert c.verdict == "supported" and "non-inferior" in c.reason
     far = _claims(_efficient(-0.2))["efficient-comparable"]
     assert far.verdict == "contradicted" and "clearly worse" in far.reason
@@ -107,13 +109,38 @@ def test_claim_efficient_is_non_inferiority_slightly_worse_supports_it() -> None
     assert better.verdict == "contradicted" and "clearly better" in better.reason
 
 
+def test_a_claim_test_is_the_two_level_test_at_the_claims_level() -> None:
+    """A claim's comparison holds ``stats.two_level_test`` at the claim's level (1 − 2α, TOST by
+    interval, for interval kinds; 1 − α for direction claims). Only direction claims use a p: an
+    interval-only comparison shows none (NaN, '–' in the report) although its two-level test has one."""
+    rows = st.eval_rows(_efficient(-0.08))
+    interval = cl.ClaimSpec.model_validate(SPECS["efficient-comparable"])
+    direction = cl.ClaimSpec.model_validate({**SPECS["pbft-worse-ood"], "methods": ["lora"], "domains": ["id"]})
+    for spec, level in ((interval, 0.90), (direction, 0.95)):
+        ct = cl.claim_tests(spec, rows, {}, ["lora"], REPS)[0]
+        want = st.two_level_test(ct.test.boot, level)
+        assert (ct.test.ci_low, ct.test.ci_high, ct.test.t_low, ct.test.t_high) == (want.ci_low, want.ci_high, want.t_low, want.t_high)
+        assert math.isfinite(ct.test.p)
+    assert math.isnan(cl.claim_tests(interval, rows, {}, ["lora"], REPS)[0].p)
+    assert ct.p == ct.test.p
+    res = [cl.evaluate_claim(s, rows, {}, replicates=REPS, breakdown=False) for s in (interval, direction)]
+    p_col = CLAIMS_CSV_HEADER.index("p")
+    csv_p = [(r[0], r[p_col]) for r in claims_csv_rows(res, {})]
+    assert len(csv_p) == 5 and all(math.isnan(p) for key, p in csv_p[:4]) and csv_p[4] == (direction.key, res[1].tests[0].p)
+    doc = Doc()
+    add_claims_section(doc, [interval, direction], res)
+    md_p = [line.split(" | ")[8] for line in render_markdown(doc).splitlines() 
+            if line.startswith((f"| {interval.key} | ", f"| {direction.key} | ")) and " − vanilla, " in line]
+    assert md_p == ["–"] * 4 + [f"{res[1].tests[0].p:.3g}"]
+
+
 def test_claim_lora_ranks_are_pooled_per_sample() -> None:
     van = [make_run("cola", "vanilla", 16, s, (0.70, 0.65)) for s in range(3)]
     lora = [make_run("cola", "lora", 16, s, (0.70 + d, 0.65 + d), params={"r": r}) for s in range(3) for r, d in ((1, -0.02), (8, 0.02))]
     c = _claims(van + lora)["efficient-comparable"]
     lora_id = next(t for t in c.tests if t.label.startswith("lora") and "ID" in t.label)
-    assert lora_id.n_pairs == 3  # one pair per sample, not per rank
-    assert lora_id.mean_diff == pytest.approx(0.0)
+    assert lora_id.test.n_pairs == 3  # one pair per sample, not per rank
+    assert lora_id.test.diff == pytest.approx(0.0)
 
 
 def test_claim_ft_icl_generalise_similarly() -> None:
@@ -121,7 +148,7 @@ def test_claim_ft_icl_generalise_similarly() -> None:
     icl = [make_run("cola", "icl", n, s, (0.60 + 0.01 * s, 0.55 + 0.01 * s), n_eval=5000) for n in (2, 16) for s in range(3)]
     c = _claims(van + icl)["ft-icl-similar"]
     assert c.verdict == "supported"
-    assert c.tests[0].n_pairs == 6 and abs(c.tests[0].mean_diff) < 0.01
+    assert c.tests[0].test.n_pairs == 6 and abs(c.tests[0].test.diff) < 0.01
 
 
 def test_claims_between_constant_predictors_are_inconclusive() -> None:
@@ -155,10 +182,10 @@ def test_two_eval_sets_of_one_domain_are_one_pair_per_sample() -> None:
     pb = [_with_glue_dev(make_run("cola", "pbft", 16, s, (0.60 + 0.012 * s, 0.6), n_eval=5000), 0.04) for s in range(4)]
     spec = {**SPECS["pbft-worse-ood"], "domains": ["id"]}
     c = cl.evaluate_claim(spec, st.eval_rows(van + pb), {}, replicates=REPS)
-    t = c.tests[0]
+    t = c.tests[0].test
     assert t.n_pairs == 4  # not 8: cola-id and cola-glue-dev of one run are one few-shot sample
     # per sample: mean of the two sets' differences, e.g. seed 0: ((0.60 − 0.70) + (0.64 − 0.70)) / 2 = −0.08
-    assert t.mean_diff == pytest.approx(np.mean([(0.002 * s * 2 + 0.04 - 0.2) / 2 for s in range(4)]))
+    assert t.diff == pytest.approx(np.mean([(0.002 * s * 2 + 0.04 - 0.2) / 2 for s in range(4)]))
 
 
 def _test(diff: float, p: float, label: str) -> cl.ClaimTest:
@@ -166,7 +193,7 @@ def _test(diff: float, p: float, label: str) -> cl.ClaimTest:
     b = np.full(3, 0.7)
     boot = PairedBootstrap((("m", "t", 16, 0), ("m", "t", 16, 1), ("m", "t", 16, 2)), a, b, np.full(10, diff), np.full(10, diff),
                            np.full(10, diff), (), 100)
-    return cl.ClaimTest(label, boot, diff - 0.01, diff + 0.01, diff - 0.01, diff + 0.01, p)
+    return cl.ClaimTest(label, st.TwoLevelTest(boot, diff - 0.01, diff + 0.01, diff - 0.01, diff + 0.01, p, p), p)
 
 
 def test_holm_correction_changes_a_direction_verdict() -> None:
@@ -213,7 +240,7 @@ def test_bootstrap_includes_eval_sampling_error_that_a_seed_interval_misses() ->
     assert boot.se("eval_only") > 4 * boot.se("seed_only")
     assert boot.se("total") >= boot.se("eval_only") * 0.9
     spec = cl.ClaimSpec.model_validate({**SPECS["pbft-worse-ood"], "domains": ["id"]})
-    t = cl.claim_tests(spec, st.eval_rows(rows), scores, ["pbft"], REPS)[0]
+    t = cl.claim_tests(spec, st.eval_rows(rows), scores, ["pbft"], REPS)[0].test
     assert (t.ci_high - t.ci_low) > 3 * (t.t_high - t.t_low)  # the verdict's interval is the wide one
     lo, hi = boot.ci(0.95)
     assert t.ci_low <= lo and t.ci_high >= hi
@@ -232,7 +259,7 @@ def test_few_seeds_keep_the_t_correction() -> None:
     van = [make_run("cola", "vanilla", 16, s, (0.70, 0.70), n_eval=5000) for s in range(3)]
     ad = [make_run("cola", "adaptive", 16, s, (0.68 - 0.04 * s, 0.68 - 0.04 * s), n_eval=5000) for s in range(3)]
     c = _claims(van + ad)["efficient-comparable"]
-    assert c.tests[0].boot.ci(0.9)[0] > -0.10 and c.tests[0].ci_low == pytest.approx(-0.127, abs=0.002)
+    assert c.tests[0].test.boot.ci(0.9)[0] > -0.10 and c.tests[0].test.ci_low == pytest.approx(-0.127, abs=0.002)
     assert c.verdict == "inconclusive"
 
 
@@ -266,7 +293,7 @@ def test_opposite_effects_at_two_n_get_their_own_verdicts() -> None:
     c = _claims(runs)["cd-beats-ft"]
     assert c.verdict == "not supported" and c.scope == "pooled"
     assert [(s.scope, s.verdict) for s in c.strata] == [("n=2", "supported"), ("n=16", "contradicted")]
-    assert c.strata[0].tests[0].n_pairs == 4 and c.strata[0].tests[0].mean_diff == pytest.approx(0.052)
+    assert c.strata[0].tests[0].test.n_pairs == 4 and c.strata[0].tests[0].test.diff == pytest.approx(0.052)
     one_n = _claims([r for r in runs if r[1]["n"] == 2])["cd-beats-ft"]
     assert one_n.verdict == "supported" and one_n.strata == ()
     doc = Doc()

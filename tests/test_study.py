@@ -17,7 +17,8 @@ import yaml
 from executor_runners import write_fake
 
 from fewtune.errors import ConfigError
-from fewtune.study import expand, load_study, parse_int_list, parse_override, parse_study, preset_names, run_study, study_lock
+from fewtune.study import (MARKER_NAME, expand, is_study_dir, load_study, parse_int_list, parse_override, parse_study, preset_names,
+                           run_study, study_lock)
 from fewtune.study.executors import InProcessExecutor
 from fewtune.study.store import Store
 
@@ -308,6 +309,32 @@ def test_one_process_per_study_dir(tmp_path: Path) -> None:
     with study_lock(tmp_path):
         with pytest.raises(ConfigError, match="another fewtune study is running"):
             run_study(_study(SMALL), tmp_path, executor=InProcessExecutor(FakeRunner()), show_progress=False)
+
+
+MARKER_ON_A_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from fewtune.study import study_lock
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))  # room for the lock's pid, not for the marker
+try:
+    with study_lock(Path(sys.argv[1])):
+        pass
+except OSError as e:
+    print(type(e).__name__, e.errno)
+"""
+
+
+def test_a_marker_that_cannot_be_written_leaves_no_marker(tmp_path: Path) -> None:
+    """The marker makes a directory a study (``is_study_dir``): a write that fails (full disk) must
+    leave none, nor a half-written one, nor its temporary — or the directory would count as a study."""
+    out = tmp_path / "s"
+    res = subprocess.run([sys.executable, "-c", MARKER_ON_A_FULL_DISK, str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0 and res.stdout.split() == ["OSError", "27"], res.stdout + res.stderr  # EFBIG
+    assert list(out.iterdir()) == [] and not is_study_dir(out)
+    with study_lock(out):  # without the limit: the marker, whole
+        assert (out / MARKER_NAME).read_text().startswith("a fewtune study directory") and is_study_dir(out)
 
 
 # ---------------------------------------------------------------------------------------------

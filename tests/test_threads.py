@@ -78,6 +78,16 @@ def test_a_resume_keeps_the_recorded_threads_and_refuses_another_value(tmp_path)
     assert study_threads(parse_study({**STUDY, "threads": 2}), tmp_path, requested=2) == 2
 
 
+def test_the_thread_count_is_returned_and_the_study_is_left_as_it_is(tmp_path):
+    """``study_threads`` and ``run_study`` return or use the count without writing it into the
+    caller's study: a ``--threads`` value checked once must not become that study's config."""
+    study = parse_study(STUDY)
+    assert study_threads(study, tmp_path, requested=3) == 3
+    assert study.threads is None and study_threads(study, tmp_path) == DEFAULT_THREADS
+    run_study(study, tmp_path, executor=InProcessExecutor(threads_runner), show_progress=False, limit=1)
+    assert study.threads is None and recorded_threads(tmp_path) == DEFAULT_THREADS
+
+
 def _env(data_dir: Path, site: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "FEWTUNE_THREADS"}
     path = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)

@@ -6,6 +6,7 @@ these commands run. User errors are raised as ``FewtuneError``; ``cli.main`` pri
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,7 +120,7 @@ def plan_study(config: str, overrides: list[str], seeds: Optional[str], n: Optio
     from fewtune.study.pack import check_pack
 
     study = load_study(config, overrides, seeds=seeds, n=n)
-    study.threads = study_threads(study, out, requested_threads())
+    study = dataclasses.replace(study, threads=study_threads(study, out, requested_threads()))
     options = {"ray_address": ray_address} if ray_address else {}
     if study.resources and executor == "ray":  # other executors run where they are: nothing to ask for
         options["resources"] = study.resources

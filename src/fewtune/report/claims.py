@@ -43,11 +43,11 @@ def add_claims_section(doc: DocLike, specs: Sequence[ClaimSpec], claims: Sequenc
                   caption="the claims per n and per task (uncorrected breakdowns of the pooled verdicts)")
     rows = []
     for c in claims:
-        for t in c.tests:
-            b = t.boot
-            rows.append([c.key, t.label, _f(b.diff), f"[{_f(t.ci_low)}, {_f(t.ci_high)}]", f"[{_f(t.t_low)}, {_f(t.t_high)}]",
+        for ct in c.tests:
+            t, b = ct.test, ct.test.boot
+            rows.append([c.key, ct.label, _f(b.diff), f"[{_f(t.ci_low)}, {_f(t.ci_high)}]", f"[{_f(t.t_low)}, {_f(t.t_high)}]",
                          _f(b.se("seed_only"), ".3f"), _f(b.se("eval_only"), ".3f"), _f(b.se("total"), ".3f"),
-                         _f(t.p, ".3g"), _f(t.p_holm, ".3g"), f"{t.n_pairs} / {b.seeds}", str(b.examples), t.outcome or "not enough data"])
+                         _f(ct.p, ".3g"), _f(ct.p_holm, ".3g"), f"{t.n_pairs} / {b.seeds}", str(b.examples), ct.outcome or "not enough data"])
     if rows:
         doc.table(["claim", "comparison", "A − B", "CI (verdict)", "seed-only t CI", "SE seeds", "SE eval", "SE both", "p",
                    "Holm p", "samples / seeds", "eval examples", "outcome"], rows,
@@ -110,8 +110,8 @@ def claims_csv_rows(claims: Sequence[ClaimResult], specs: Mapping[str, ClaimSpec
         head = [c.key, c.claim, specs[c.key].kind if c.key in specs else "", " ".join(c.methods), c.verdict, c.reason]
         if not c.tests:
             out.append([*head, "", 0, 0, *[None] * 11, c.scope])
-        for t in c.tests:
-            b = t.boot
-            out.append([*head, t.label, t.n_pairs, b.seeds, b.diff, t.ci_low, t.ci_high, t.t_low, t.t_high, b.se("seed_only"),
-                        b.se("eval_only"), b.se("total"), t.p, t.p_holm, t.outcome, c.scope])
+        for ct in c.tests:
+            t, b = ct.test, ct.test.boot
+            out.append([*head, ct.label, t.n_pairs, b.seeds, b.diff, t.ci_low, t.ci_high, t.t_low, t.t_high, b.se("seed_only"),
+                        b.se("eval_only"), b.se("total"), ct.p, ct.p_holm, ct.outcome, c.scope])
     return out

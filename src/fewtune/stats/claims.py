@@ -128,27 +128,14 @@ def _bundled(name: str, where: str) -> Any:
 
 @dataclass(frozen=True)
 class ClaimTest:
-    """One comparison behind a verdict: A − B over few-shot samples, with both variance sources."""
+    """One comparison behind a verdict: the two-level test of A − B (``stats.two_level_test``, at
+    the claim's test level) and what the claim makes of it."""
 
     label: str
-    boot: PairedBootstrap
-    ci_low: float  # union of the bootstrap and the seed-level t-interval, at the claim's test level
-    ci_high: float
-    t_low: float  # seed-level paired t-interval alone (for reference: no eval-sampling error)
-    t_high: float
-    p: float  # max(bootstrap p, paired t-test p); NaN for interval-only tests
+    test: st.TwoLevelTest  # at 1 − α for direction claims, 1 − 2α (TOST by interval) for the others
+    p: float  # the p the verdict uses: the test's for direction claims, NaN for interval-only tests
     p_holm: float = math.nan
     outcome: str = ""
-    enough: bool = True
-    t_note: str = ""  # why the seed-level t-test is undefined ("" when it is defined)
-
-    @property
-    def mean_diff(self) -> float:
-        return self.boot.diff
-
-    @property
-    def n_pairs(self) -> int:
-        return len(self.boot.units)
 
 
 @dataclass(frozen=True)
@@ -168,8 +155,7 @@ class ClaimResult:
 def _test(spec: ClaimSpec, label: str, boot: PairedBootstrap) -> ClaimTest:
     conf = 1 - spec.alpha if spec.kind == "direction" else 1 - 2 * spec.alpha
     t = st.two_level_test(boot, conf)
-    p = t.p if spec.kind == "direction" and boot.units else math.nan
-    return ClaimTest(label, boot, t.ci_low, t.ci_high, t.t_low, t.t_high, p, enough=t.enough, t_note=t.t_note)
+    return ClaimTest(label, t, t.p if spec.kind == "direction" and boot.units else math.nan)
 
 
 def claim_tests(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, Mapping[str, Scores]], methods: Sequence[str],
@@ -190,7 +176,7 @@ def claim_tests(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str
 
 
 def _interval_outcome(spec: ClaimSpec, t: ClaimTest) -> str:
-    lo, hi, m = t.ci_low, t.ci_high, float(spec.margin or 0)
+    lo, hi, m = t.test.ci_low, t.test.ci_high, float(spec.margin or 0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "no CI"
     if spec.kind == "non-inferiority":
@@ -220,7 +206,7 @@ def decide(spec: ClaimSpec, tests: Sequence[ClaimTest]) -> tuple[str, list[Claim
     reject, p_adj, _, _ = multipletests([t.p for t in tests], alpha=spec.alpha, method="holm")
     done = []
     for t, rej, pa in zip(tests, reject, p_adj):
-        d = ("higher" if t.mean_diff > 0 else "lower") if rej else "no significant difference"
+        d = ("higher" if t.test.diff > 0 else "lower") if rej else "no significant difference"
         done.append(_with(t, p_holm=float(pa), outcome=d))
     claimed = [t for t in done if t.outcome == spec.direction]
     other = [t for t in done if t.outcome not in (spec.direction, "no significant difference")]
@@ -232,15 +218,16 @@ def _with(t: ClaimTest, **kw: Any) -> ClaimTest:
     return replace(t, **kw)
 
 
-def fmt_test(t: ClaimTest) -> str:
+def fmt_test(c: ClaimTest) -> str:
     """'+0.031 [−0.004, +0.066] (seed-only t [+0.010, +0.052]), p=0.08, Holm p=0.16, 12 samples / 3 seeds'."""
+    t = c.test
     if not t.n_pairs:
         return "no paired samples"
     seed = f"seed-only t [{t.t_low:+.3f}, {t.t_high:+.3f}]" if math.isfinite(t.t_low) else (t.t_note or "seed-only t undefined")
-    p = f", p={t.p:.3g}" if math.isfinite(t.p) else ""
-    holm = f", Holm p={t.p_holm:.3g}" if math.isfinite(t.p_holm) else ""
+    p = f", p={c.p:.3g}" if math.isfinite(c.p) else ""
+    holm = f", Holm p={c.p_holm:.3g}" if math.isfinite(c.p_holm) else ""
     fixed = f"; no predictions for {', '.join(t.boot.fixed_sets)}: eval-sampling error left out there" if t.boot.fixed_sets else ""
-    return (f"{t.mean_diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}] ({seed}){p}{holm}, "
+    return (f"{t.diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}] ({seed}){p}{holm}, "
             f"{t.n_pairs} samples / {t.boot.seeds} seeds{fixed}")
 
 
@@ -306,14 +293,14 @@ def _evaluate(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, 
     if spec.reference not in present or not have:
         return ClaimResult(verdict="not enough data", reason="no finished runs of " + ", ".join(missing), **base)
     tests = claim_tests(spec, rows, scores, have, replicates)
-    usable = [t for t in tests if t.enough]
+    usable = [t for t in tests if t.test.enough]
     if not usable:
         return ClaimResult(verdict="not enough data", tests=tuple(tests), **base,
                            reason=f"fewer than {st.MIN_PAIRS} paired few-shot samples from {st.MIN_SEEDS} or more data seeds "
                            "(methods must share models, tasks, n and data seeds)")
     verdict, done = decide(spec, usable)
     parts = [f"{t.label}: {fmt_test(t)} → {t.outcome}" for t in done]
-    parts += [f"{t.label}: not enough data" for t in tests if not t.enough]
+    parts += [f"{t.label}: not enough data" for t in tests if not t.test.enough]
     parts += [f"{m}: no finished runs" for m in missing]
     reason = "; ".join(parts)
     at_base = st.at_baseline_methods(rows, [m for m in all_methods if m in present], None)
@@ -321,7 +308,7 @@ def _evaluate(spec: ClaimSpec, rows: Sequence[st.EvalRow], scores: Mapping[str, 
         reason = (f"every compared method is mostly at the majority baseline / chance, so the data cannot speak to this claim "
                   f"(would otherwise be: {verdict}). {reason}")
         verdict = "inconclusive"
-    return ClaimResult(verdict=verdict, reason=reason, tests=tuple(done + [t for t in tests if not t.enough]), **base)
+    return ClaimResult(verdict=verdict, reason=reason, tests=tuple(done + [t for t in tests if not t.test.enough]), **base)
 
 
 def evaluate_claims(specs: Sequence[ClaimSpec | Mapping[str, Any]], rows: Sequence[st.EvalRow],

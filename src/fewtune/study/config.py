@@ -74,7 +74,6 @@ class StudyConfig:
     # recorded; None: --threads, else what the study recorded, else DEFAULT_THREADS (1: the same
     # numbers on every machine whatever its core count, and no oversubscription with --parallel).
     threads: int | None = None
-    threads_from: str = "the study config"  # who set ``threads`` (for messages): the config or --threads
 
     def to_dict(self) -> dict[str, Any]:
         """The study as YAML-able data (what is stored beside the results)."""

@@ -58,18 +58,18 @@ def study_threads(study: StudyConfig, out_dir: Path, requested: int | None = Non
     """The torch threads of every run of ``study`` in ``out_dir``: ``requested`` (``--threads``),
     else the study's ``threads`` key, else what the directory recorded, else ``DEFAULT_THREADS``.
     A study is never resumed with another count: on CPU the numbers depend on it, so its runs
-    would mix (or all run again under new ids) — a usage error instead."""
-    if requested:
-        study.threads, study.threads_from = requested, "--threads"
+    would mix (or all run again under new ids) — a usage error instead. ``study`` is left as it is:
+    the caller passes the value on (``dataclasses.replace(study, threads=…)``)."""
+    threads, source = (requested, "--threads") if requested else (study.threads, "the study config")
     recorded = recorded_threads(out_dir)
-    if recorded is not None and study.threads is not None and study.threads != recorded:
+    if recorded is not None and threads is not None and threads != recorded:
         raise ConfigError(
             f"the runs in {out_dir} compute with {recorded} torch thread(s) each (recorded in {DB_NAME}), but "
-            f"{study.threads_from} asks for {study.threads}: on CPU the thread count changes the results",
+            f"{source} asks for {threads}: on CPU the thread count changes the results",
             f"resume with {recorded} thread(s) (drop --threads / the study's 'threads:' key, or set it to {recorded}), "
             "or start a new --out directory",
         )
-    return study.threads or recorded or DEFAULT_THREADS
+    return threads or recorded or DEFAULT_THREADS
 
 
 def is_study_dir(out: Path) -> bool:
@@ -93,8 +93,8 @@ def study_lock(out_dir: Path) -> Iterator[None]:
     the holder dies — even by ``kill -9`` — so a crashed study never blocks its own resumption."""
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / MARKER_NAME
-    if not marker.exists():
-        marker.write_text("a fewtune study directory (fewtune study --out); fewtune writes here\n")
+    if not marker.exists():  # atomic: a failed write (full disk) must not leave a half marker that claims the directory
+        write_atomic(marker, "a fewtune study directory (fewtune study --out); fewtune writes here\n")
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
