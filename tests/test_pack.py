@@ -124,3 +124,29 @@ def test_pack_usage_errors_exit_2(tmp_path: Path) -> None:
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "pack must be a whole number" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# Per packable method: members with different seeds and settings (rank, dropout, steps), packed,
+# equal the same runs alone (losses, eval metrics, predictions). DoRA with dropout takes peft's
+# dropout path (base part recomputed from the dropped input), without it the base output's.
+METHOD_MEMBERS = {
+    "dora": [{"r": 2, "dropout": 0.5}, {"r": 4, "dropout": 0.0}, {"r": 2, "dropout": 0.3, "rslora": True}],
+    "ia3": [{}, {}, {"objective": "lm"}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_MEMBERS))
+def test_packed_method_members_equal_their_lone_runs(method: str, tmp_path: Path, data_dir: Path) -> None:
+    from fewtune.run.runner import run_experiment
+
+    cfgs = [_cfg(seed, max_steps=steps).model_copy(update={"method": method, "params": params})
+            for seed, steps, params in zip((0, 1, 2), (4, 4, 2), METHOD_MEMBERS[method])]
+    assert all(pack_key(c) == pack_key(cfgs[0]) is not None for c in cfgs)
+    res = run_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], data_dir=data_dir)
+    assert all(isinstance(r, dict) and r["resources"]["packed"] == 3 for r in res), res
+    for i, c in enumerate(cfgs):
+        lone = run_experiment(c, tmp_path / f"a{i}", data_dir=data_dir).metrics
+        assert _eval(tmp_path / f"p{i}") == _eval(tmp_path / f"a{i}")
+        assert res[i]["eval"] == lone["eval"] and res[i]["train"]["trainable_params"] == lone["train"]["trainable_params"]
+    losses = _eval(tmp_path / "p0")[0]
+    assert len(set(losses)) > 1  # training moved the member's own parameters
