@@ -127,11 +127,15 @@ def test_pack_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 # Per packable method: members with different seeds and settings (rank, dropout, steps), packed,
-# equal the same runs alone (losses, eval metrics, predictions). DoRA with dropout takes peft's
-# dropout path (base part recomputed from the dropped input), without it the base output's.
+# equal the same runs alone (losses, eval metrics, predictions, what trained). DoRA with dropout
+# takes peft's dropout path (base part recomputed from the dropped input), without it the base
+# output's; its second member adapts other layers than its mates (q/k vs q/v). BitFit members
+# each add their own zero biases (the next member's preparation finds the base as loaded).
 METHOD_MEMBERS = {
-    "dora": [{"r": 2, "dropout": 0.5}, {"r": 4, "dropout": 0.0}, {"r": 2, "dropout": 0.3, "rslora": True}],
+    "dora": [{"r": 2, "dropout": 0.5}, {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"]},
+             {"r": 2, "dropout": 0.3, "rslora": True}],
     "ia3": [{}, {}, {"objective": "lm"}],
+    "bitfit": [{}, {"norms": True}, {"objective": "lm"}],
 }
 
 
@@ -147,6 +151,7 @@ def test_packed_method_members_equal_their_lone_runs(method: str, tmp_path: Path
     for i, c in enumerate(cfgs):
         lone = run_experiment(c, tmp_path / f"a{i}", data_dir=data_dir).metrics
         assert _eval(tmp_path / f"p{i}") == _eval(tmp_path / f"a{i}")
-        assert res[i]["eval"] == lone["eval"] and res[i]["train"]["trainable_params"] == lone["train"]["trainable_params"]
+        for key in ("eval", "train", "method_info"):  # train: losses, trainable parameters, steps, …
+            assert res[i][key] == lone[key], key
     losses = _eval(tmp_path / "p0")[0]
     assert len(set(losses)) > 1  # training moved the member's own parameters

@@ -1,7 +1,7 @@
-"""Many runs, one model: train several adapter runs (LoRA, DoRA, (IA)³) that share a frozen base in one forward pass.
+"""Many runs, one model: train several adapter runs (LoRA, DoRA, (IA)³, BitFit) that share a frozen base in one forward pass.
 
 A *pack* holds up to K members (runs) on one loaded base. Every adapted layer of the base
-becomes a ``PackedLinear`` (``training.packed_layers``) holding each member's own trained piece
+becomes a ``PackedLayer`` (``training.packed_layers``) holding each member's own trained piece
 (copied from the adapter peft initialises for that member, so the start is the lone run's) and
 computing, for each member's rows of the batch, exactly peft's forward for that member — e.g.
 ``base(x) + scale_k · B_k(A_k(dropout_k(x)))`` for LoRA. Each

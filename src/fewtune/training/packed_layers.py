@@ -1,16 +1,22 @@
 """The layers of a pack: one frozen base layer, each member's own trained piece applied to its rows.
 
 A method kind plugs in with two things: a ``Piece`` subclass (the member's trained tensors on one
-layer and what they do to that layer's input and/or output, mirroring peft's forward for that
-kind operation by operation, so a member's rows get the very numbers its lone run gets) and a
-capture function (``CAPTURES``: a peft layer of that kind → the member's piece, holding copies of
-the start values peft initialised for the member alone). ``adapter_pieces`` captures a member's
-pieces from its peft model, ``install`` puts them into the shared base's ``PackedLinear`` layers.
+layer and what they do to that layer's input and/or output, mirroring the lone run's forward
+operation by operation, so a member's rows get the very numbers its lone run gets) and a capture
+(``CAPTURES``: a peft layer of that kind → the member's piece, holding copies of the start values
+peft initialised for the member alone; ``module_pieces`` for base tensors a method trains in
+place). ``member_pieces`` captures a prepared member's pieces, ``install`` puts them into the
+shared base's ``PackedLayer`` layers; a member without a piece in a layer gets the base layer.
 
 Kinds: LoRA (incl. rsLoRA), DoRA (LoRA plus a magnitude vector; the weight norm of
-W + scale·B·A is recomputed per member and detached, as peft does) and (IA)³ (a scaling vector on
-the layer's input — feed-forward modules — or on its output). Dropout masks come from each
+W + scale·B·A is recomputed per member and detached, as peft does), (IA)³ (a scaling vector on
+the layer's input — feed-forward modules — or on its output) and BitFit (the member's own biases
+and norm gains: the layer runs per member with them in place). Dropout masks come from each
 member's own generator (``member_generator``), which its lone run uses too (``seed_lora_dropout``).
+
+Exactness, measured on the tiny model in fp32: each piece computes on the member's rows cut to
+the member's own padded width and made contiguous (``_own``) — DoRA's and BitFit's gradient sums
+over a wider or strided batch round differently from the lone run's.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +75,7 @@ def seed_lora_dropout(model: nn.Module, seed: int, device: torch.device) -> torc
 @dataclass
 class Routing:
     """Which rows of the current batch belong to which member: ``(slot, rows, own length)``.
-    Shared by every ``PackedLinear`` of one pack; set before each forward pass."""
+    Shared by every ``PackedLayer`` of one pack; set before each forward pass."""
 
     segments: list[tuple[int, slice, int | None, bool]] = field(default_factory=list)  # + whether unpadded
 
@@ -83,6 +90,7 @@ class Piece:
     output from its rows of the (unmapped) input and of the base layer's result."""
 
     scales_input = False
+    replaces_base = False  # computes the layer itself (``result`` is then None)
     gen: torch.Generator | None = None  # the member's dropout generator, set by ``install``
 
     def params(self) -> list[nn.Parameter]:
@@ -92,8 +100,12 @@ class Piece:
     def input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def output(self, layer: PackedLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return result
+    def output(self, layer: PackedLayer, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """Default (a member without a piece in this layer): the base layer's output."""
+        return result if result is not None else layer.base(x)
+
+
+NO_PIECE = Piece()
 
 
 @dataclass(eq=False)
@@ -114,7 +126,7 @@ class LoRAPiece(Piece):
             x = x * dropout_mask(x, self.p, self.gen)
         return x
 
-    def output(self, layer: PackedLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def output(self, layer: PackedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(self.dropped(layer, x), self.A), self.B) * self.scale
         return (result + delta).to(result.dtype)
 
@@ -131,7 +143,7 @@ class DoRAPiece(LoRAPiece):
     def params(self) -> list[nn.Parameter]:
         return [self.A, self.B, self.m]
 
-    def output(self, layer: PackedLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def output(self, layer: PackedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         x = self.dropped(layer, x)
         eye = torch.eye(self.A.shape[1], device=self.A.device, dtype=self.A.dtype)
         lora_weight = F.linear(F.linear(eye, self.A), self.B).T.to(x.dtype)
@@ -164,32 +176,53 @@ class IA3Piece(Piece):
     def input(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to(self.scale.dtype) * self.scale.flatten()).to(x.dtype)
 
-    def output(self, layer: PackedLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def output(self, layer: PackedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return result if self.feedforward else (result * self.scale.flatten()).to(result.dtype)
 
 
-class PackedLinear(nn.Module):
+@dataclass(eq=False)
+class ModulePiece(Piece):
+    """Tensors of the base layer that the method trains in place (BitFit's biases, zero-added
+    where the base has none, and norm gains): the layer runs on the member's rows with the
+    member's own copies in their place (``torch.func.functional_call``: the very forward, hence
+    the very kernels, of the lone run's layer)."""
+
+    tensors: dict[str, nn.Parameter]
+    replaces_base = True
+
+    def params(self) -> list[nn.Parameter]:
+        return list(self.tensors.values())
+
+    def output(self, layer: PackedLayer, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        return torch.func.functional_call(layer.base, self.tensors, (x,))
+
+
+class PackedLayer(nn.Module):
     """A frozen layer plus each member's piece, each applied to that member's rows."""
 
     def __init__(self, base: nn.Module, routing: Routing) -> None:
         super().__init__()
         self.base, self.routing = base, routing
         self.pieces: dict[int, Piece] = {}
-        self.scales_input = False
+        self.scales_input = self.replaces_base = False
         self.params = nn.ParameterList()  # registered, so .to()/state see them
 
     def add(self, slot: int, piece: Piece) -> None:
         self.pieces[slot] = piece
         self.scales_input |= piece.scales_input
+        self.replaces_base |= piece.replaces_base
         self.params.extend(piece.params())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segments = self.routing.segments
+        segments, piece = self.routing.segments, lambda slot: self.pieces.get(slot, NO_PIECE)
         x_in = x
         if self.scales_input:
-            x_in = _cat([_own(self.pieces[slot].input, length, (x[rows],), x[rows]) for slot, rows, length, _ in segments])
+            x_in = _cat([_own(piece(slot).input, length, (x[rows],), x[rows]) for slot, rows, length, _ in segments])
+        if self.replaces_base:  # each member's rows through the layer with its own tensors
+            return _cat([_own(functools.partial(piece(slot).output, self, result=None), length, (x[rows],), None)
+                         for slot, rows, length, _ in segments])
         result = self.base(x_in)
-        return _cat([_own(functools.partial(self.pieces[slot].output, self), length, (x[rows], result[rows]), result[rows])
+        return _cat([_own(functools.partial(piece(slot).output, self), length, (x[rows], result[rows]), result[rows])
                      for slot, rows, length, _ in segments])
 
 
@@ -197,15 +230,17 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _own(fn: Callable[..., torch.Tensor], length: int | None, args: tuple[torch.Tensor, ...], rest: torch.Tensor) -> torch.Tensor:
+def _own(fn: Callable[..., torch.Tensor], length: int | None, args: tuple[torch.Tensor, ...], rest: torch.Tensor | None) -> torch.Tensor:
     """``fn(*args)`` on a member's rows cut to its own padded width ``length`` (the pack's may be
     wider), so every product and gradient sum has the shapes of the member's lone batch
     (reductions round differently over more elements, even zeros); the positions beyond
-    (padding in the pack, never read) take ``rest``'s values."""
-    if length is None or rest.dim() != 3 or length >= rest.shape[1]:
+    (padding in the pack, never read by the member's real positions) take ``rest``'s values, or 0."""
+    width = args[0].shape[1] if args[0].dim() == 3 else None
+    if length is None or width is None or length >= width:
         return fn(*args)
-    own = fn(*(t[:, :length] for t in args))
-    return torch.cat([own, rest[:, length:].to(own.dtype)], dim=1)
+    own = fn(*(t[:, :length].contiguous() for t in args))
+    tail = rest[:, length:].to(own.dtype) if rest is not None else own.new_zeros((own.shape[0], width - length, *own.shape[2:]))
+    return torch.cat([own, tail], dim=1)
 
 
 def _start(t: torch.Tensor) -> nn.Parameter:
@@ -247,6 +282,29 @@ def adapter_pieces(peft_model: nn.Module) -> dict[str, Piece]:
     return out
 
 
+def module_pieces(model: nn.Module, trained: list[nn.Parameter]) -> dict[str, Piece]:
+    """name → the member's copies of the ``trained`` tensors each module of ``model`` owns (a
+    method that trains base tensors in place: BitFit), in module order."""
+    ids = {id(p) for p in trained}
+    out: dict[str, Piece] = {}
+    for name, module in model.named_modules():
+        own = {n: _start(p) for n, p in module.named_parameters(recurse=False) if id(p) in ids}
+        if own:
+            out[name] = ModulePiece(own)
+    return out
+
+
+def member_pieces(method: Any) -> dict[str, Piece]:
+    """A prepared member's pieces: its peft adapter's (the caller unloads the peft model) or, for
+    a method that trains base tensors in place (``base_tensors``/``restore_base``: BitFit), copies
+    of those, the base then given back as loaded for the next member."""
+    if getattr(method, "peft_model", None) is not None:
+        return adapter_pieces(method.peft_model)
+    pieces = module_pieces(method.ctx.lm.model, method.base_tensors())
+    method.restore_base()
+    return pieces
+
+
 def install(model: nn.Module, slot: int, pieces: dict[str, Piece], routing: Routing, gen: torch.Generator) -> list[nn.Parameter]:
     """Add member ``slot``'s pieces to ``model`` (wrapping each adapted layer once); returns the
     member's parameters in module order, as peft lists them."""
@@ -255,8 +313,8 @@ def install(model: nn.Module, slot: int, pieces: dict[str, Piece], routing: Rout
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, attr)
-        if not isinstance(layer, PackedLinear):
-            layer = PackedLinear(layer, routing)
+        if not isinstance(layer, PackedLayer):
+            layer = PackedLayer(layer, routing)
             setattr(parent, attr, layer)
         piece.gen = gen
         layer.add(slot, piece)
