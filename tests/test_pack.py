@@ -144,3 +144,34 @@ def test_pack_usage_errors_exit_2(tmp_path: Path) -> None:
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "pack must be a whole number" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# Per packable method: members with different seeds and settings (rank, dropout, steps), packed,
+# equal the same runs alone (losses, eval metrics, predictions, what trained). DoRA with dropout
+# takes peft's dropout path (base part recomputed from the dropped input), without it the base
+# output's; its second member adapts other layers than its mates (q/k vs q/v). BitFit members
+# each add their own zero biases (the next member's preparation finds the base as loaded).
+METHOD_MEMBERS = {
+    "dora": [{"r": 2, "dropout": 0.5}, {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"]},
+             {"r": 2, "dropout": 0.3, "rslora": True}],
+    "ia3": [{}, {}, {"objective": "lm"}],
+    "bitfit": [{}, {"norms": True}, {"objective": "lm"}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_MEMBERS))
+def test_packed_method_members_equal_their_lone_runs(method: str, tmp_path: Path, data_dir: Path) -> None:
+    from fewtune.run.runner import run_experiment
+
+    cfgs = [_cfg(seed, max_steps=steps).model_copy(update={"method": method, "params": params})
+            for seed, steps, params in zip((0, 1, 2), (4, 4, 2), METHOD_MEMBERS[method])]
+    assert all(pack_key(c) == pack_key(cfgs[0]) is not None for c in cfgs)
+    res = run_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], data_dir=data_dir)
+    assert all(isinstance(r, dict) and r["resources"]["packed"] == 3 for r in res), res
+    for i, c in enumerate(cfgs):
+        lone = run_experiment(c, tmp_path / f"a{i}", data_dir=data_dir).metrics
+        assert _eval(tmp_path / f"p{i}") == _eval(tmp_path / f"a{i}")
+        for key in ("eval", "train", "method_info"):  # train: losses, trainable parameters, steps, …
+            assert res[i][key] == lone[key], key
+    losses = _eval(tmp_path / "p0")[0]
+    assert len(set(losses)) > 1  # training moved the member's own parameters

@@ -82,7 +82,7 @@ def study_cmd(
         None, "--ray-address", help="with --executor ray: the Ray cluster to use (e.g. ray://head:10001 or auto); "
                                     "default: start a local one"),
     pack: Optional[int] = typer.Option(
-        None, "--pack", help="train up to K LoRA runs of one model and task together on one loaded base "
+        None, "--pack", help="train up to K adapter runs (LoRA, DoRA, IA³, BitFit) of one model, task and method together on one loaded base "
                              "(same results as alone; see docs/packing.md); default: the study's pack:, else off"),
     threads: Optional[int] = threads_option(),
 ) -> None:

@@ -92,6 +92,17 @@ class BitFit(SavesAdapter, TrainableMethod):
         self._info.update(trained_modules=fold_layers(list(self.trained), set(added)), added_biases=len(added),
                           norms=self.params.norms)
 
+    def base_tensors(self) -> list[nn.Parameter]:
+        """The backbone tensors this run trains in place (a pack copies them: ``training.packed``)."""
+        return list(self.trained.values())
+
+    def restore_base(self) -> None:
+        """The base as loaded again, the added biases removed: in a pack each member trains its
+        own copies, and the next member's ``adapt_model`` must find the base its lone run finds."""
+        mods = dict(backbone_and_head(self.ctx.lm.model)[0].named_modules())
+        for name in self.added:
+            mods[name].bias = None
+
     def extra_summary(self) -> dict:
         added = set(self.added)
         n_added = sum(p.numel() for n, p in self.trained.items() if n.rsplit(".", 1)[0] in added)

@@ -38,7 +38,7 @@ from fewtune.methods._trainable import ObjectiveParams, TrainableMethod
 from fewtune.methods.base import register
 from fewtune.models.adapter import adapter_for
 from fewtune.scoring.heads import make_head
-from fewtune.training.packed import seed_lora_dropout
+from fewtune.training.packed_layers import seed_lora_dropout
 
 
 class LoRAOptions(ObjectiveParams):
@@ -90,12 +90,11 @@ class LoRA(TrainableMethod):
                                      target_modules=p.target_modules, seed=self.ctx.cfg.model_seed, **self.lora_options())
         self._info.update(target_modules=sorted(self.peft_model.peft_config["default"].target_modules), r=p.r, alpha=p.alpha,
                           **self.lora_options())
-        if not self.lora_options().get("use_dora"):
-            # The run's own dropout generator, as inside a pack (``training.packed``): a run's
-            # masks do not depend on whether it trains alone or packed. Gradient checkpointing
-            # replays it on recomputation (``dropout_generators``).
-            gen = seed_lora_dropout(self.peft_model, self.ctx.cfg.model_seed, self.ctx.device)
-            self.dropout_generators = [gen] if gen is not None else []
+        # The run's own dropout generator (LoRA and DoRA), as inside a pack (``training.packed``):
+        # a run's masks do not depend on whether it trains alone or packed. Gradient
+        # checkpointing replays it on recomputation (``dropout_generators``).
+        gen = seed_lora_dropout(self.peft_model, self.ctx.cfg.model_seed, self.ctx.device)
+        self.dropout_generators = [gen] if gen is not None else []
 
     def lora_options(self) -> dict:
         """Extra ``LoraConfig`` options of this variant (DoRA adds ``use_dora``)."""

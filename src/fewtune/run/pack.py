@@ -33,7 +33,8 @@ from fewtune.run.runner import _make_method, finish_run, load_base, run_experime
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed
-from fewtune.training.packed import Member, MemberRun, Routing, default_members_per_pass, has_dropout, install, lora_layers, member_generator, train_pack, use_packed_attention
+from fewtune.training.packed import Member, MemberRun, Routing, default_members_per_pass, has_dropout, train_pack, use_packed_attention
+from fewtune.training.packed_layers import install, member_generator, member_pieces
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Rout
             s.evals = load_eval_sets(task, s.cfg, data_dir)
             s.method = _make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
             seqs = s.method.prepare_training(s.sample.examples)
-            layers.append((seqs, lora_layers(s.method.peft_model)))
+            layers.append((seqs, member_pieces(s.method)))
         except Exception as e:  # noqa: BLE001 — this member fails, the others run
             s.result = e
             layers.append(None)

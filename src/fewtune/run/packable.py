@@ -12,12 +12,14 @@ from fewtune.config import RunConfig
 from fewtune.methods import METHODS
 from fewtune.models.tiny import is_tiny
 
-PACKABLE = ("lora",)  # methods whose members share a frozen base and differ only in their adapters
+# methods whose members share a frozen base and differ only in their adapters (one ``Piece`` kind
+# each in ``training.packed_layers``: LoRA incl. rsLoRA, DoRA, (IA)³; BitFit's biases and norm gains)
+PACKABLE = ("lora", "dora", "ia3", "bitfit")
 
 
 def pack_key(cfg: RunConfig) -> tuple | None:
     """What runs must share to be packed together, or None where this run cannot be packed (it
-    then runs as today). Packable: ``lora`` (incl. rsLoRA; not DoRA), one process, no
+    then runs as today). Packable: ``lora`` (incl. rsLoRA), ``dora``, ``ia3``, ``bitfit``; one process, no
     ``select:``, no learning curve, no gradient accumulation or checkpointing, no fp16, no saved
     adapter, no tracker, a head without dropout."""
     if cfg.method not in PACKABLE or cfg.select is not None or cfg.device_map or cfg.log_to:

@@ -1,9 +1,11 @@
-"""Many runs, one model: train several LoRA runs that share a frozen base in one forward pass.
+"""Many runs, one model: train several adapter runs (LoRA, DoRA, (IA)³, BitFit) that share a frozen base in one forward pass.
 
-A *pack* holds up to K members (runs) on one loaded base. Every target linear layer of the base
-becomes a ``PackedLoRALinear`` holding each member's own LoRA A/B (copied from the adapter peft
-initialises for that member, so the start is the lone run's) and computing, for each member's rows
-of the batch, ``base(x) + scale_k · B_k(A_k(dropout_k(x)))`` — exactly peft's LoRA forward. Each
+A *pack* holds up to K members (runs) on one loaded base. Every adapted layer of the base
+becomes a ``PackedLayer`` (``training.packed_layers``) holding each member's own trained piece
+(copied from the adapter peft initialises for that member, so the start is the lone run's) and
+computing, for each member's rows of the batch, exactly peft's forward for that member — e.g.
+``base(x) + scale_k · B_k(A_k(dropout_k(x)))`` for LoRA. Each
+Each
 optimizer step takes every active member's next micro-batch (the member's own seeded batches,
 ``training.batches``), concatenates them (right-padded to the longest), runs the base once, reads
 each member's logits from its own rows through its own head, and steps each member's own AdamW
@@ -15,7 +17,7 @@ it diverges: it fails alone).
 Why the results equal a lone run's: the base is frozen and right-padded rows never see padding
 (causal attention), so a row's activations do not depend on its batch-mates; dropout masks come
 from each member's own generator (``member_generator``), drawn with the shape the member's own
-batch has — the lone LoRA run draws its masks from the same generator (``seed_lora_dropout``) —
+batch has — the lone LoRA/DoRA run draws its masks from the same generator (``seed_lora_dropout``) —
 so a pack of K equals K packs of one and equals the lone run, up to float rounding of the
 differently shaped matrix products. The base must have no dropout of its own (``has_dropout``).
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,56 +39,9 @@ from fewtune.models.loading import autocast
 from fewtune.scoring.scorer import head_logits, last_hidden
 from fewtune.training.batches import LengthGroupedBatches, _collate
 from fewtune.training.loop import SYNC_EVERY, Batch, TrainResult, _LossLog, _optimizer_groups, make_optimizer, make_scheduler
+from fewtune.training.packed_layers import Routing
 
-DROPOUT_STREAM = 0x5EED  # the dropout generator's seed is model_seed offset by this (its own stream)
 PACKED_SDPA = "fewtune_packed_sdpa"
-
-
-def member_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A run's LoRA-dropout generator: the same for the run alone and inside any pack."""
-    return torch.Generator(device=device).manual_seed(seed + DROPOUT_STREAM)
-
-
-def dropout_mask(x: torch.Tensor, p: float, gen: torch.Generator, length: int | None = None) -> torch.Tensor:
-    """Inverted-dropout scale for ``x`` ([B, T, d]) drawn from ``gen``. ``length``: the member's
-    own padded length T_k ≤ T; the draw has the shape the member's own batch has (so the stream
-    is the lone run's), positions beyond it (padding in the pack) get 0."""
-    shape = list(x.shape)
-    own = length if length is not None and x.dim() == 3 else shape[-2] if x.dim() == 3 else None
-    if own is not None:
-        shape[-2] = own
-    keep = (torch.rand(shape, generator=gen, device=x.device, dtype=torch.float32) >= p).to(x.dtype) / (1 - p)
-    if own is not None and own < x.shape[-2]:
-        keep = F.pad(keep, (0, 0, 0, x.shape[-2] - own))
-    return keep
-
-
-class SeededDropout(nn.Module):
-    """Dropout whose masks come from a given generator rather than the global RNG."""
-
-    def __init__(self, p: float, gen: torch.Generator) -> None:
-        super().__init__()
-        self.p, self.gen = p, gen
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        return x * dropout_mask(x, self.p, self.gen)
-
-
-def seed_lora_dropout(model: nn.Module, seed: int, device: torch.device) -> torch.Generator | None:
-    """Give a lone peft LoRA model's dropout the run's own generator (``member_generator``), the
-    one its masks come from in a pack. Returns that generator (None: no dropout to replace)."""
-    gen = member_generator(seed, device)
-    count = 0
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if isinstance(drops, nn.ModuleDict):
-            for name, d in list(drops.items()):
-                if isinstance(d, nn.Dropout) and d.p > 0:
-                    drops[name] = SeededDropout(d.p, gen)
-                    count += 1
-    return gen if count else None
 
 
 def has_dropout(model: nn.Module) -> bool:
@@ -97,18 +52,6 @@ def has_dropout(model: nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     keys = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop")
     return any(isinstance(getattr(cfg, k, 0), (int, float)) and getattr(cfg, k, 0) > 0 for k in keys)
-
-
-@dataclass
-class Routing:
-    """Which rows of the current batch belong to which member: ``(slot, rows, own length)``.
-    Shared by every ``PackedLoRALinear`` of one pack; set before each forward pass."""
-
-    segments: list[tuple[int, slice, int | None, bool]] = field(default_factory=list)  # + whether unpadded
-
-    def solo(self, slot: int) -> None:
-        """Every row through member ``slot`` (evaluation of one member, whatever the batch)."""
-        self.segments = [(slot, slice(None), None, False)]
 
 
 _ACTIVE: ContextVar[Routing | None] = ContextVar("fewtune_pack_routing", default=None)
@@ -154,71 +97,6 @@ def use_packed_attention(model: nn.Module) -> bool:
 
 
 @dataclass
-class Adapter:
-    """One member's LoRA on one layer (weights as peft initialised them)."""
-
-    A: nn.Parameter
-    B: nn.Parameter
-    scale: float
-    p: float
-    gen: torch.Generator
-
-
-class PackedLoRALinear(nn.Module):
-    """A frozen linear layer plus each member's LoRA, applied to that member's rows."""
-
-    def __init__(self, base: nn.Linear, routing: Routing) -> None:
-        super().__init__()
-        self.base, self.routing = base, routing
-        self.adapters: dict[int, Adapter] = {}
-        self.params = nn.ParameterList()  # registered, so .to()/state see them
-
-    def add(self, slot: int, adapter: Adapter) -> None:
-        self.adapters[slot] = adapter
-        self.params.extend([adapter.A, adapter.B])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        deltas = []
-        for slot, rows, length, _ in self.routing.segments:
-            a = self.adapters[slot]
-            xk = x[rows].to(a.A.dtype)
-            if self.training and a.p > 0:
-                xk = xk * dropout_mask(xk, a.p, a.gen, length)
-            deltas.append(F.linear(F.linear(xk, a.A), a.B) * a.scale)
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-        return (result + delta).to(result.dtype)
-
-
-def lora_layers(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, float]]:
-    """name → (A, B, scale, dropout p) of every peft LoRA layer (adapter ``default``), in module order."""
-    out = {}
-    for name, module in peft_model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            drop = module.lora_dropout["default"]
-            out[name] = (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone(),
-                         float(module.scaling["default"]), float(getattr(drop, "p", 0.0)))
-    return out
-
-
-def install(model: nn.Module, slot: int, layers: dict[str, tuple], routing: Routing, gen: torch.Generator) -> list[nn.Parameter]:
-    """Add member ``slot``'s adapters to ``model`` (wrapping each target linear layer once);
-    returns the member's LoRA parameters in module order (A, B per layer, as peft lists them)."""
-    params = []
-    for name, (a, b, scale, p) in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, attr)
-        if not isinstance(layer, PackedLoRALinear):
-            layer = PackedLoRALinear(layer, routing)
-            setattr(parent, attr, layer)
-        adapter = Adapter(nn.Parameter(a), nn.Parameter(b), scale, p, gen)
-        layer.add(slot, adapter)
-        params += [adapter.A, adapter.B]
-    return params
-
-
-@dataclass
 class Member:
     """What the pack needs of one run: its slot, net (shared body + own head), training inputs,
     loss, trainable parameters and settings."""
@@ -252,7 +130,10 @@ class MemberRun:
             raise ValueError("a pack trains with train.grad_accum = 1")
         self.batches = LengthGroupedBatches([len(s) for s in m.seqs], cfg.batch_size, m.model_seed, cfg.group_by_length)
         self.collate = _collate(m.seqs, pad_id)
-        self.opt = make_optimizer(_optimizer_groups([{"params": m.params}], cfg.weight_decay), cfg.lr)
+        groups = _optimizer_groups([{"params": m.params}], cfg.weight_decay)
+        self.opt = make_optimizer(groups, cfg.lr)
+        # clipped in the loop's order (decayed, then 1-D parameters): the norm's sum rounds by it
+        self.trainable = [p for g in groups for p in g["params"]]
         self.steps_per_epoch = len(self.batches)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.sched, warmup = make_scheduler(self.opt, cfg, total)
@@ -282,7 +163,7 @@ class MemberRun:
         self.log.micro(loss)
         norm = None
         if self.m.cfg.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.m.params, self.m.cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.m.cfg.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -389,5 +270,4 @@ def _on(b: Batch, device: torch.device) -> Batch:
     return Batch(b.ids.to(device), b.mask.to(device), b.last.to(device), b.idx.to(device), b.weight, b.tokens)
 
 
-__all__ = ["Member", "MemberRun", "PackedLoRALinear", "Routing", "SeededDropout", "has_dropout", "install", "lora_layers",
-           "member_generator", "default_members_per_pass", "seed_lora_dropout", "train_pack", "use_packed_attention"]
+__all__ = ["Member", "MemberRun", "Routing", "default_members_per_pass", "has_dropout", "train_pack", "use_packed_attention"]
