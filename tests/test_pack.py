@@ -176,3 +176,25 @@ def test_packed_method_members_equal_their_lone_runs(method: str, tmp_path: Path
             assert res[i][key] == lone[key], key
     losses = _eval(tmp_path / "p0")[0]
     assert len(set(losses)) > 1  # training moved the member's own parameters
+
+
+def test_a_member_failing_after_its_preparation_leaves_the_base_as_loaded(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """A BitFit member that fails once its zero biases are added (here: copying its pieces) fails
+    alone, and the next member still finds the base its lone run finds."""
+    import fewtune.run.pack as pack_mod
+    from fewtune.run.runner import run_experiment
+
+    real, calls = pack_mod.member_pieces, []
+
+    def failing_first(method):
+        calls.append(method)
+        if len(calls) == 1:
+            raise RuntimeError("copying the first member's pieces failed")
+        return real(method)
+
+    monkeypatch.setattr(pack_mod, "member_pieces", failing_first)
+    cfgs = [_cfg(seed).model_copy(update={"method": "bitfit", "params": {}}) for seed in (0, 1)]
+    res = run_pack(cfgs, [tmp_path / "p0", tmp_path / "p1"], data_dir=data_dir, members_per_pass=None)
+    assert isinstance(res[0], RuntimeError) and isinstance(res[1], dict)
+    lone = run_experiment(cfgs[1], tmp_path / "a1", data_dir=data_dir).metrics
+    assert res[1]["method_info"] == lone["method_info"] and _eval(tmp_path / "p1") == _eval(tmp_path / "a1")

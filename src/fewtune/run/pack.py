@@ -1,4 +1,4 @@
-"""A pack of runs: several LoRA runs of one base model, trained together, each written as its own run.
+"""A pack of runs: several runs of one frozen base (LoRA, DoRA, IA³, BitFit) trained together, each written as its own run.
 
 ``run_pack(configs, out_dirs)`` is ``run_experiment`` for up to K runs that ``pack_key`` says can
 share a base: the base is loaded once, each member is prepared exactly as a lone run would be
@@ -34,7 +34,7 @@ from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed
 from fewtune.training.packed import Member, MemberRun, Routing, default_members_per_pass, has_dropout, train_pack, use_packed_attention
-from fewtune.training.packed_layers import install, member_generator, member_pieces
+from fewtune.training.packed_layers import give_back_base, install, member_generator, member_pieces
 
 
 @dataclass
@@ -141,8 +141,8 @@ def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Rout
             s.result = e
             layers.append(None)
         finally:
-            if s.method is not None and getattr(s.method, "peft_model", None) is not None:
-                s.method.peft_model.unload()  # the base as loaded, for the next member's peft
+            if s.method is not None:
+                give_back_base(s.method)  # the base as loaded, for the next member
     for p in lm.model.parameters():
         p.requires_grad_(False)
     members: list[Member | None] = []

@@ -295,14 +295,22 @@ def module_pieces(model: nn.Module, trained: list[nn.Parameter]) -> dict[str, Pi
 
 
 def member_pieces(method: Any) -> dict[str, Piece]:
-    """A prepared member's pieces: its peft adapter's (the caller unloads the peft model) or, for
-    a method that trains base tensors in place (``base_tensors``/``restore_base``: BitFit), copies
-    of those, the base then given back as loaded for the next member."""
+    """A prepared member's pieces: its peft adapter's or, for a method that trains base tensors in
+    place (``base_tensors``: BitFit), copies of those. The caller then gives the base back
+    (``give_back_base``), whether this succeeded or not."""
     if getattr(method, "peft_model", None) is not None:
         return adapter_pieces(method.peft_model)
-    pieces = module_pieces(method.ctx.lm.model, method.base_tensors())
-    method.restore_base()
-    return pieces
+    return module_pieces(method.ctx.lm.model, method.base_tensors())
+
+
+def give_back_base(method: Any) -> None:
+    """The shared base as loaded again after a member's preparation — peft's adapter unloaded,
+    BitFit's added biases removed (``restore_base``) — so the next member's preparation finds
+    what its lone run finds, also where this member failed half-way."""
+    if getattr(method, "peft_model", None) is not None:
+        method.peft_model.unload()
+    elif hasattr(method, "restore_base"):
+        method.restore_base()
 
 
 def install(model: nn.Module, slot: int, pieces: dict[str, Piece], routing: Routing, gen: torch.Generator) -> list[nn.Parameter]:
