@@ -18,8 +18,9 @@ PACKABLE = ("lora",)  # methods whose members share a frozen base and differ onl
 def pack_key(cfg: RunConfig) -> tuple | None:
     """What runs must share to be packed together, or None where this run cannot be packed (it
     then runs as today). Packable: ``lora`` (incl. rsLoRA; not DoRA), one process, no
-    ``select:``, no learning curve, no gradient accumulation or checkpointing, no fp16, no saved
-    adapter, no tracker, a head without dropout."""
+    ``select:`` (its trials pack among themselves: ``run.trial_pack``), no learning curve, no
+    gradient accumulation or checkpointing, no fp16, no saved adapter, no tracker, a head
+    without dropout."""
     if cfg.method not in PACKABLE or cfg.select is not None or cfg.device_map or cfg.log_to:
         return None
     t = cfg.train
