@@ -247,6 +247,22 @@ def test_packed_trials_score_choose_and_evaluate_exactly_as_one_by_one(tmp_path,
     assert chunked["resources"]["select_packs"] == [4, 2] and seen_chunked == seen_alone
 
 
+def test_a_pack_of_trials_out_of_gpu_memory_falls_back_to_one_by_one(tmp_path, data_dir, monkeypatch):
+    import torch
+
+    from fewtune.run import trial_pack
+
+    alone, seen_alone = _select_run(tmp_path, data_dir, monkeypatch, "1", "alone")
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trial_pack, "train_members", oom)
+    fell_back, seen = _select_run(tmp_path, data_dir, monkeypatch, "", "oom")
+    assert fell_back["resources"]["select_packs"] == [1] * 6 and seen == seen_alone
+    assert fell_back["selection"]["candidates"] == alone["selection"]["candidates"] and fell_back["eval"] == alone["eval"]
+
+
 def test_which_selections_are_packed(monkeypatch):
     from fewtune.run.trial_pack import max_trials, trials_packable
 

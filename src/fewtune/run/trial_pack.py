@@ -77,7 +77,7 @@ def packed_scorer(task: Task, pattern, dev: torch.device, meter: ResourceMeter, 
         for i in range(0, len(jobs), size):
             chunk = jobs[i:i + size]
             got = _score_pack(chunk, task, pattern, dev, meter, pool, data_dir, metric)
-            packs.append(len(chunk) if got is not None else 1)
+            packs.extend([len(chunk)] if got is not None else [1] * len(chunk))
             scores += got if got is not None else fallback(chunk)
         return scores
     return score_all
