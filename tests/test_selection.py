@@ -229,12 +229,12 @@ def _select_run(tmp_path, data_dir, monkeypatch, pack: str, name: str) -> tuple[
 
 
 def test_packed_trials_score_choose_and_evaluate_exactly_as_one_by_one(tmp_path, data_dir, monkeypatch):
-    """The trials of a LoRA run's select, trained as one pack (the default), give every trial's
+    """The trials of a LoRA run's select, trained as one pack, give every trial's
     held-out log-probs, the fold scores, the choice and the final run's metrics of the trials run
     one by one; a trial that diverges in the pack scores nothing, as alone. Packing is recorded
     under resources only; the run id is the same."""
     alone, seen_alone = _select_run(tmp_path, data_dir, monkeypatch, "1", "alone")
-    packed, seen_packed = _select_run(tmp_path, data_dir, monkeypatch, "", "packed")
+    packed, seen_packed = _select_run(tmp_path, data_dir, monkeypatch, "6", "packed")
     assert "select_packs" not in alone["resources"] and packed["resources"]["select_packs"] == [6]
     assert len(seen_alone) == 4 and seen_packed == seen_alone  # 2 lrs × 2 folds scored (1e38 diverges), bit-identical
     drop = lambda sel: {k: v for k, v in sel.items() if k != "seconds"}  # noqa: E731
@@ -258,21 +258,28 @@ def test_a_pack_of_trials_out_of_gpu_memory_falls_back_to_one_by_one(tmp_path, d
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(trial_pack, "train_members", oom)
-    fell_back, seen = _select_run(tmp_path, data_dir, monkeypatch, "", "oom")
+    fell_back, seen = _select_run(tmp_path, data_dir, monkeypatch, "8", "oom")
     assert fell_back["resources"]["select_packs"] == [1] * 6 and seen == seen_alone
     assert fell_back["selection"]["candidates"] == alone["selection"]["candidates"] and fell_back["eval"] == alone["eval"]
 
 
 def test_which_selections_are_packed(monkeypatch):
+    """Automatic on a GPU, one by one on a CPU unless asked; only where every trial is packable."""
+    import torch
+
     from fewtune.run.trial_pack import max_trials, trials_packable
 
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FEWTUNE_SELECT_PACK", raising=False)
     lora = RunConfig(method="lora", task="cola", n=8, select={"train.lr": [1e-5, 1e-3]})
-    assert trials_packable(lora) and max_trials() is None
-    assert trials_packable(lora.model_copy(update={"log_to": ["tensorboard"]}))  # trials log nothing
-    assert not trials_packable(RunConfig(method="vanilla", task="cola", n=8, select={"train.lr": [1e-5]}))
-    assert not trials_packable(RunConfig(method="lora", task="cola", n=8, select={"train.grad_accum": [1, 2]}))
+    assert trials_packable(lora, gpu) and max_trials(gpu) is None and not trials_packable(lora, cpu)
+    monkeypatch.setenv("FEWTUNE_SELECT_PACK", "12")
+    assert trials_packable(lora, cpu) and max_trials(cpu) == 12
+    assert trials_packable(lora.model_copy(update={"log_to": ["tensorboard"]}), cpu)  # trials log nothing
+    assert not trials_packable(RunConfig(method="vanilla", task="cola", n=8, select={"train.lr": [1e-5]}), gpu)
+    assert not trials_packable(RunConfig(method="lora", task="cola", n=8, select={"train.grad_accum": [1, 2]}), gpu)
     monkeypatch.setenv("FEWTUNE_SELECT_PACK", "off")
-    assert not trials_packable(lora)
+    assert not trials_packable(lora, gpu)
     monkeypatch.setenv("FEWTUNE_SELECT_PACK", "many")
     with pytest.raises(ConfigError):
-        max_trials()
+        max_trials(gpu)

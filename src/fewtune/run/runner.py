@@ -158,7 +158,7 @@ def _sample(run: _Run) -> None:
 def _select(run: _Run) -> RunConfig:
     """The config the final model trains with: ``cfg``, or its ``select:`` choice by k-fold CV on
     the few-shot sample only (the eval sets are not touched). The trials of a packable method
-    train as packs (``run.trial_pack``: same scores, one base load), others one by one."""
+    train as packs on a GPU (``run.trial_pack``: same scores, one base load), else one by one."""
     cfg = run.cfg
     if cfg.select is None:
         return cfg
@@ -167,7 +167,7 @@ def _select(run: _Run) -> RunConfig:
         build = lambda c: make_method(c, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir)  # noqa: E731
         alone = one_by_one(lambda c, tr, ho: _fold_score(build, metric, c, tr, ho))
         packs: list[int] = []
-        score_all = alone if not trials_packable(cfg) else \
+        score_all = alone if not trials_packable(cfg, run.dev) else \
             packed_scorer(run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir, metric, alone, packs)
         chosen, run.selection = select_values(cfg, run.sample.examples, score_all=score_all)
     if packs:  # how the trials ran (not what they gave): resources, as a pack member's

@@ -26,8 +26,8 @@ score, the choice and the time are recorded in ``metrics.json`` under ``selectio
 How the trials run: ``select_values`` builds the trials (candidate × fold, in that order) and
 hands them all to a batch scorer (``score_all``), or to a per-trial ``scorer`` one by one
 (``one_by_one``); the choice and the record do not depend on which. The runner scores the trials
-of a packable method (LoRA: ``run.trial_pack``) as one pack on one loaded base — the same scores
-as one by one, hence the same choice and run id — and everything else one by one.
+of a packable method (LoRA) on a GPU as one pack on one loaded base (``run.trial_pack``) — the
+same scores as one by one, hence the same choice and run id — and everything else one by one.
 """
 
 from __future__ import annotations
