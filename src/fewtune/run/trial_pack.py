@@ -11,8 +11,8 @@ that diverges scores None, as alone; one that fails otherwise fails the run, as 
 Packing decides how, never what: the same scores, choice and run id (``FEWTUNE_SELECT_PACK`` is
 not part of the run). It is automatic on a CUDA device, where a lone trial of a small model
 leaves the device mostly idle, and off on a CPU, where training is compute-bound and a pack
-gains nothing: measured (``bench/bench_select_pack.py``, embedded model, 1 thread) 1.34× the
-one-by-one selection time and 4.4× the peak memory for 12 trials. Memory is one base plus K
+gains nothing: measured (``bench/bench_select_pack.py``, embedded model, 1 thread) 1.2–1.3× the
+one-by-one selection time and 4.2–4.4× the peak memory for 12 trials. Memory is one base plus K
 adapters, their optimizer states and K micro-batches of activations, instead of one base and
 one of each. ``FEWTUNE_SELECT_PACK=K`` (K ≥ 2) packs at most K trials at a time on any device,
 ``1`` (or ``0``/``off``) runs them one by one. A pack that runs out of GPU memory is given up
