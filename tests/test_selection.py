@@ -87,8 +87,8 @@ def test_a_run_selects_on_its_sample_only_and_trains_with_the_choice(monkeypatch
 
     monkeypatch.setattr(runner, "_fold_score", spy)
     built = []
-    make = runner._make_method
-    monkeypatch.setattr(runner, "_make_method", lambda c, *a, **k: built.append(c.train.lr) or make(c, *a, **k))
+    make = runner.make_method
+    monkeypatch.setattr(runner, "make_method", lambda c, *a, **k: built.append(c.train.lr) or make(c, *a, **k))
     cfg = RunConfig(model="tiny-random", task="cola", method="vanilla", n=4, eval_limit=16, eval_sets=["cola-id"],
                     train={"max_steps": 2, "batch_size": 4}, select={"candidates": {"train.lr": [1e-5, 3e-3]}, "folds": 2})
     metrics = runner.run_experiment(cfg, tmp_path / "run", data_dir=data_dir).metrics
@@ -167,7 +167,7 @@ def test_cv_never_trains_on_the_held_out_fold(monkeypatch, tmp_path, data_dir):
     from fewtune.run import runner
 
     held, fitted = [], []
-    real_score, real_make = runner._fold_score, runner._make_method
+    real_score, real_make = runner._fold_score, runner.make_method
 
     def spy_score(build, metric, cfg, train, held_out):
         held.append({e.id for e in held_out})
@@ -185,7 +185,7 @@ def test_cv_never_trains_on_the_held_out_fold(monkeypatch, tmp_path, data_dir):
         return method
 
     monkeypatch.setattr(runner, "_fold_score", spy_score)
-    monkeypatch.setattr(runner, "_make_method", spy_make)
+    monkeypatch.setattr(runner, "make_method", spy_make)
     cfg = RunConfig(model="tiny-random", task="cola", method="distill", n=4, eval_limit=4, eval_sets=["cola-id"],
                     params={"pool": "train", "pool_size": 4, "k": 2}, train={"max_steps": 1, "batch_size": 4},
                     select={"candidates": {"train.lr": [1e-3, 1e-3]}, "folds": 2})
@@ -204,3 +204,82 @@ def test_the_report_column_of_chosen_values_says_when_the_choice_was_undecided()
     assert json.loads(_selection_cell({"chosen": {"train.lr": 1e-3}, "decided": False})) == {"train.lr": 1e-3, "decided": False}
     assert json.loads(_selection_cell({"chosen": {"train.lr": 1e-3}, "decided": True})) == {"train.lr": 1e-3}
     assert _selection_cell(None) is None
+
+
+def _select_run(tmp_path, data_dir, monkeypatch, pack: str, name: str) -> tuple[dict, list]:
+    """A LoRA run with select (3 lrs × 2 folds, one of them diverging) and every trial's
+    held-out log-probs, with ``FEWTUNE_SELECT_PACK`` = ``pack``."""
+    from fewtune.run import runner, trial_pack
+
+    seen = []
+    real = runner.held_out_score
+
+    def spy(method, held_out, metric):
+        seen.append((method.ctx.cfg.train.lr, tuple(e.id for e in held_out), method.predict(held_out).label_scores.tolist()))
+        return real(method, held_out, metric)
+
+    monkeypatch.setattr(runner, "held_out_score", spy)
+    monkeypatch.setattr(trial_pack, "held_out_score", spy)
+    monkeypatch.setenv("FEWTUNE_SELECT_PACK", pack)
+    cfg = RunConfig(model="tiny-random", task="cola", method="lora", n=6, eval_limit=16, eval_sets=["cola-id"], params={"r": 2},
+                    train={"max_steps": 8, "batch_size": 4, "max_grad_norm": None},
+                    select={"candidates": {"train.lr": [1e-3, 3e-2, 1e38]}, "folds": 2})
+    metrics = runner.run_experiment(cfg, tmp_path / name, data_dir=data_dir).metrics
+    return metrics, sorted(seen)
+
+
+def test_packed_trials_score_choose_and_evaluate_exactly_as_one_by_one(tmp_path, data_dir, monkeypatch):
+    """The trials of a LoRA run's select, trained as one pack, give every trial's
+    held-out log-probs, the fold scores, the choice and the final run's metrics of the trials run
+    one by one; a trial that diverges in the pack scores nothing, as alone. Packing is recorded
+    under resources only; the run id is the same."""
+    alone, seen_alone = _select_run(tmp_path, data_dir, monkeypatch, "1", "alone")
+    packed, seen_packed = _select_run(tmp_path, data_dir, monkeypatch, "6", "packed")
+    assert "select_packs" not in alone["resources"] and packed["resources"]["select_packs"] == [6]
+    assert len(seen_alone) == 4 and seen_packed == seen_alone  # 2 lrs × 2 folds scored (1e38 diverges), bit-identical
+    drop = lambda sel: {k: v for k, v in sel.items() if k != "seconds"}  # noqa: E731
+    assert drop(packed["selection"]) == drop(alone["selection"])
+    assert [c["diverged_folds"] for c in alone["selection"]["candidates"]] == [0, 0, 2]
+    assert seen_alone[0][2] != seen_alone[2][2] and seen_alone[0][2] != seen_alone[1][2]  # the lrs and the folds score apart
+    assert packed["eval"] == alone["eval"] and packed["run_id"] == alone["run_id"]
+    assert packed["train"]["loss_history"] == alone["train"]["loss_history"]
+    chunked, seen_chunked = _select_run(tmp_path, data_dir, monkeypatch, "4", "chunked")
+    assert chunked["resources"]["select_packs"] == [4, 2] and seen_chunked == seen_alone
+
+
+def test_a_pack_of_trials_out_of_gpu_memory_falls_back_to_one_by_one(tmp_path, data_dir, monkeypatch):
+    import torch
+
+    from fewtune.run import trial_pack
+
+    alone, seen_alone = _select_run(tmp_path, data_dir, monkeypatch, "1", "alone")
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trial_pack, "train_members", oom)
+    fell_back, seen = _select_run(tmp_path, data_dir, monkeypatch, "8", "oom")
+    assert fell_back["resources"]["select_packs"] == [1] * 6 and seen == seen_alone
+    assert fell_back["selection"]["candidates"] == alone["selection"]["candidates"] and fell_back["eval"] == alone["eval"]
+
+
+def test_which_selections_are_packed(monkeypatch):
+    """Automatic on a GPU, one by one on a CPU unless asked; only where every trial is packable."""
+    import torch
+
+    from fewtune.run.trial_pack import max_trials, trials_packable
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FEWTUNE_SELECT_PACK", raising=False)
+    lora = RunConfig(method="lora", task="cola", n=8, select={"train.lr": [1e-5, 1e-3]})
+    assert trials_packable(lora, gpu) and max_trials(gpu) is None and not trials_packable(lora, cpu)
+    monkeypatch.setenv("FEWTUNE_SELECT_PACK", "12")
+    assert trials_packable(lora, cpu) and max_trials(cpu) == 12
+    assert trials_packable(lora.model_copy(update={"log_to": ["tensorboard"]}), cpu)  # trials log nothing
+    assert not trials_packable(RunConfig(method="vanilla", task="cola", n=8, select={"train.lr": [1e-5]}), gpu)
+    assert not trials_packable(RunConfig(method="lora", task="cola", n=8, select={"train.grad_accum": [1, 2]}), gpu)
+    monkeypatch.setenv("FEWTUNE_SELECT_PACK", "off")
+    assert not trials_packable(lora, gpu)
+    monkeypatch.setenv("FEWTUNE_SELECT_PACK", "many")
+    with pytest.raises(ConfigError):
+        max_trials(gpu)

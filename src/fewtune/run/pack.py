@@ -3,7 +3,7 @@
 ``run_pack(configs, out_dirs)`` is ``run_experiment`` for up to K runs that ``pack_key`` says can
 share a base: the base is loaded once, each member is prepared exactly as a lone run would be
 (its sample, eval sets, method, peft's adapter initialisation, head), the members train together
-(``training.packed``), and each member is evaluated and written the moment it finishes — its own
+(``run.pack_engine``, ``training.packed``), and each member is evaluated and written the moment it finishes — its own
 run directory, ``metrics.json`` (``resources.packed`` = K, the pack's peak memory and wall time
 with the member's share) and predictions — through the runner's own ``finish_run``. A member that
 diverges fails alone (its record says so); a member already finished on disk is not run again.
@@ -11,7 +11,6 @@ diverges fails alone (its record says so); a member already finished on disk is 
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from collections.abc import Callable
@@ -23,32 +22,28 @@ import torch
 
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError, TrainingDiverged
-from fewtune.models.adapter import backbone_and_head
+from fewtune.run.build import make_method
 from fewtune.run.evaluation import load_eval_sets
 from fewtune.run.output import check_out_dir
+from fewtune.run.pack_engine import Slot, pack_base, prepare_members, train_members
 from fewtune.run.packable import PackResult, PackSpec
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
-from fewtune.run.runner import _make_method, finish_run, load_base, run_experiment, write_diverged
+from fewtune.run.runner import finish_run, run_experiment, write_diverged
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.sampling import few_shot_sample
 from fewtune.training import distributed
-from fewtune.training.packed import Member, MemberRun, Routing, default_members_per_pass, has_dropout, train_pack, use_packed_attention
-from fewtune.training.packed_layers import give_back_base, install, member_generator, member_pieces
+from fewtune.training.packed import Member, MemberRun, Routing
 
 
 @dataclass
-class _Slot:
-    """One member while the pack runs."""
+class _Slot(Slot):
+    """One member run while the pack runs."""
 
-    cfg: RunConfig
-    run_id: str
-    out_dir: Path
-    method: Any = None
+    run_id: str = ""
+    out_dir: Path = Path()
     sample: Any = None
     evals: list = field(default_factory=list)
-    meter: ResourceMeter | None = None
-    result: Any = None  # metrics dict when written, or the exception it failed with
     started: float = field(default_factory=time.time)
 
 
@@ -69,7 +64,7 @@ def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path |
         if done is not None:
             results[i] = done
         else:
-            slots.append((i, _Slot(cfg, run_id, Path(out))))
+            slots.append((i, _Slot(cfg, run_id=run_id, out_dir=Path(out))))
     if slots:
         _run_slots([s for _, s in slots], data_dir, progress, members_per_pass)
         for i, s in slots:
@@ -79,82 +74,44 @@ def run_pack(configs: list[RunConfig], out_dirs: list[Path], *, data_dir: Path |
 
 def _run_slots(slots: list[_Slot], data_dir: Path | None, progress, members_per_pass: int | None | str) -> None:
     dev = distributed.device()
-    per_pass = default_members_per_pass(dev) if members_per_pass == "auto" else members_per_pass
     meter = ResourceMeter(dev)  # one peak for the pack: the process's
     t0 = time.time()
     with meter.phase("prepare"):
-        lm = load_base(slots[0].cfg, dev)
-    if has_dropout(lm.model):
-        del lm
-        for s in slots:  # rows would not be independent of their batch-mates: run them alone
+        lm = pack_base(slots[0].cfg, dev)
+    if lm is None:  # the base has dropout of its own: run the members alone
+        for s in slots:
             s.result = _outcome(lambda s=s: run_experiment(s.cfg, s.out_dir, data_dir=data_dir, progress=progress).metrics)
         return
-    use_packed_attention(lm.model)
     routing = Routing()
-    members = _prepare_members(slots, lm, meter, routing, dev, data_dir, progress)
+    pools: dict[str, list] = {}
+    members = prepare_members(slots, lm, meter, routing, dev, lambda s: _build(s, lm, dev, pools, data_dir, progress))
     prepare_s = time.time() - t0
     k = len(slots)
     t_train = time.time()
 
-    def on_done(run: MemberRun, error: TrainingDiverged | None) -> None:
-        s = slots[run.m.slot]
+    def on_done(s: _Slot, run: MemberRun, error: TrainingDiverged | None) -> None:
         s.meter.timings.update(prepare=prepare_s / k, train=time.time() - t_train)
         extra = _pack_resources(s, run.m, meter, k, t0)
         if error is not None:
             s.result = error
             _outcome(lambda: write_diverged(s.out_dir, s.cfg, s.run_id, error, s.method, s.sample, s.meter, extra))
             return
-        routing.solo(run.m.slot)
         s.result = _outcome(lambda: _finish(s, run, extra, progress))
 
-    live = [(m, slots[m.slot]) for m in members if m is not None]
-    if not live:  # every member failed to prepare
-        return
-    precision = live[0][1].method.ctx.precision  # the same for all: part of the pack key
-    runs = [MemberRun(m, lm.tokenizer.pad_token_id, precision, dev) for m, _ in live]
-    body = backbone_and_head(lm.model)[0]
     with meter.phase("train"):
-        train_pack(runs, body, routing, pad_id=lm.tokenizer.pad_token_id, precision=precision,
-                   device=dev, on_done=on_done, members_per_pass=per_pass)
+        train_members(slots, members, lm, routing, dev, on_done, members_per_pass)
 
 
-def _prepare_members(slots: list[_Slot], lm, meter: ResourceMeter, routing: Routing, dev: torch.device,
-                     data_dir: Path | None, progress) -> list[Member | None]:
-    """Each member prepared as its lone run would be; peft initialises its adapter on the shared
-    base, which is copied into the pack's layers and removed again."""
-    pools: dict[str, list] = {}
-    layers = []
-    for s in slots:
-        s.meter = copy.copy(meter)  # its own timings and tokens; the pack's (process-wide) peak
-        s.meter.timings, s.meter.tokens = {}, {}
-        try:
-            task = get_task(s.cfg.task)
-            if task.name not in pools:
-                pools[task.name] = load_train(task, data_dir)
-            pool = pools[task.name]
-            s.sample = few_shot_sample(pool, s.cfg.n, s.cfg.seed, task.num_labels, per_class=not s.cfg.n_is_total)
-            s.evals = load_eval_sets(task, s.cfg, data_dir)
-            s.method = _make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
-            seqs = s.method.prepare_training(s.sample.examples)
-            layers.append((seqs, member_pieces(s.method)))
-        except Exception as e:  # noqa: BLE001 — this member fails, the others run
-            s.result = e
-            layers.append(None)
-        finally:
-            if s.method is not None:
-                give_back_base(s.method)  # the base as loaded, for the next member
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    members: list[Member | None] = []
-    for slot, (s, got) in enumerate(zip(slots, layers)):
-        if got is None:
-            members.append(None)
-            continue
-        seqs, lay = got
-        params = install(lm.model, slot, lay, routing, member_generator(s.cfg.model_seed, dev))
-        head = list(s.method.head.parameters()) if s.method.head is not None else []
-        members.append(Member(slot, s.method.net, seqs, s.method.loss, params + head, s.method.ctx.cfg.train, s.cfg.model_seed))
-    return members
+def _build(s: _Slot, lm, dev: torch.device, pools: dict[str, list], data_dir: Path | None, progress) -> None:
+    """A member run's sample, eval sets and method on the shared base, as its lone run's."""
+    task = get_task(s.cfg.task)
+    if task.name not in pools:
+        pools[task.name] = load_train(task, data_dir)
+    pool = pools[task.name]
+    s.sample = few_shot_sample(pool, s.cfg.n, s.cfg.seed, task.num_labels, per_class=not s.cfg.n_is_total)
+    s.examples = s.sample.examples
+    s.evals = load_eval_sets(task, s.cfg, data_dir)
+    s.method = make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
 
 
 def _finish(s: _Slot, run: MemberRun, extra: dict, progress) -> dict:

@@ -19,9 +19,10 @@ PACKABLE = ("lora", "dora", "ia3", "bitfit")
 
 def pack_key(cfg: RunConfig) -> tuple | None:
     """What runs must share to be packed together, or None where this run cannot be packed (it
-    then runs as today). Packable: ``lora`` (incl. rsLoRA), ``dora``, ``ia3``, ``bitfit``; one process, no
-    ``select:``, no learning curve, no gradient accumulation or checkpointing, no fp16, no saved
-    adapter, no tracker, a head without dropout."""
+    then runs as today). Packable: ``lora`` (incl. rsLoRA), ``dora``, ``ia3``, ``bitfit``; one
+    process, no ``select:`` (its trials pack among themselves: ``run.trial_pack``), no learning
+    curve, no gradient accumulation or checkpointing, no fp16, no saved adapter, no tracker, a
+    head without dropout."""
     if cfg.method not in PACKABLE or cfg.select is not None or cfg.device_map or cfg.log_to:
         return None
     t = cfg.train

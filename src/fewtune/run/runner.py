@@ -19,18 +19,20 @@ import torch
 
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError, TrainingDiverged
-from fewtune.methods import METHODS, Method, Predictions, RunContext
-from fewtune.models.loading import LoadedModel, load_model, resolve_precision
+from fewtune.methods import METHODS, Method, Predictions
+from fewtune.models.loading import resolve_precision
 from fewtune.run.evaluation import EvalData, load_eval_sets, predict_eval_sets
+from fewtune.run.build import make_method
 from fewtune.run.identity import provenance
 from fewtune.run.output import check_out_dir, clean_json, write_run
 from fewtune.run.resolve import resolve
 from fewtune.run.resources import ResourceMeter
-from fewtune.run.selection import select_values, with_values
+from fewtune.run.selection import held_out_score, one_by_one, select_values, with_values, without_curve
+from fewtune.run.trial_pack import packed_scorer, trials_packable
 from fewtune.stats.metrics import accuracy, eval_set_metrics, loss_collapse, mcc
 from fewtune.tasks import get_task, load_train
 from fewtune.tasks.base import Example, Task
-from fewtune.tasks.prompts import Pattern, verbalizer_token_ids
+from fewtune.tasks.prompts import Pattern
 from fewtune.tasks.sampling import FewShotSample, few_shot_sample
 from fewtune.training import distributed
 from fewtune.training.tracking import check_available, log_run
@@ -155,21 +157,28 @@ def _sample(run: _Run) -> None:
 
 def _select(run: _Run) -> RunConfig:
     """The config the final model trains with: ``cfg``, or its ``select:`` choice by k-fold CV on
-    the few-shot sample only (the eval sets are not touched)."""
+    the few-shot sample only (the eval sets are not touched). The trials of a packable method
+    train as packs on a GPU (``run.trial_pack``: same scores, one base load), else one by one."""
     cfg = run.cfg
     if cfg.select is None:
         return cfg
     metric = cfg.select.metric
     with run.meter.phase("select"):
-        build = lambda c: _make_method(c, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir)  # noqa: E731
-        chosen, run.selection = select_values(cfg, run.sample.examples, lambda c, tr, ho: _fold_score(build, metric, c, tr, ho))
+        build = lambda c: make_method(c, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir)  # noqa: E731
+        alone = one_by_one(lambda c, tr, ho: _fold_score(build, metric, c, tr, ho))
+        packs: list[int] = []
+        score_all = alone if not trials_packable(cfg, run.dev) else \
+            packed_scorer(run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir, metric, alone, packs)
+        chosen, run.selection = select_values(cfg, run.sample.examples, score_all=score_all)
+    if packs:  # how the trials ran (not what they gave): resources, as a pack member's
+        run.extra_resources["select_packs"] = packs
     return with_values(cfg, chosen)
 
 
 def _build(run: _Run, fit_cfg: RunConfig) -> Method:
     """The run's method on a fresh model; process 0 also evaluates learning-curve points."""
     with run.meter.phase("prepare"), distributed.main_first():
-        method = _make_method(fit_cfg, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir, run.progress)
+        method = make_method(fit_cfg, run.task, run.pattern, run.dev, run.meter, run.pool, run.data_dir, run.progress)
     if run.main:  # learning-curve points: process 0 evaluates, the others wait in the next all-reduce
         method.ctx.evaluate = lambda: _curve_point(method, run.evals, run.task)
     return method
@@ -267,53 +276,18 @@ def _log(run: _Run, metrics: dict) -> None:
         log_run(cfg.log_to, cfg.result_dump(), clean_json(metrics), log_dir)
 
 
-def _make_method(cfg: RunConfig, task: Task, pattern, dev: torch.device, meter: ResourceMeter, pool: list[Example],
-                 data_dir: Path | None, progress=None, lm: LoadedModel | None = None) -> Method:
-    """A fresh model (seeded by ``model_seed``) wrapped in the run's method, ready to ``fit``;
-    ``lm``: a base already loaded for this config (the members of a pack share one)."""
-    torch.manual_seed(cfg.model_seed)
-    lm = lm or load_base(cfg, dev)
-    dev = lm.input_device if cfg.device_map else dev  # a model placed by device_map takes its inputs there
-    verbalizer = verbalizer_token_ids(lm.tokenizer, pattern.verbalizer)
-    precision = resolve_precision(cfg.precision, dev)
-    # The methods see the context clipped to the model's window; config.yaml keeps the value as
-    # requested (it is what the run id hashes) and metrics.json records the effective one.
-    ctx = RunContext(_clip_context(cfg, lm.max_positions), task, pattern, lm, verbalizer, precision, dev, meter,
-                     train_pool=pool, data_dir=data_dir, progress=progress)
-    method_cls = METHODS.get(cfg.method)
-    return method_cls(ctx, method_cls.Params.model_validate(cfg.params))
-
-
-def load_base(cfg: RunConfig, dev: torch.device) -> LoadedModel:
-    """The run's model, as its config asks (seeded by ``model_seed``: tiny random models)."""
-    torch.manual_seed(cfg.model_seed)
-    return load_model(cfg.model, seed=cfg.model_seed, dev=dev, dtype=cfg.identity.model_dtype if cfg.identity else "fp32",
-                      attn_implementation=cfg.attn_implementation, device_map=cfg.device_map)
-
-
 def _fold_score(build: Callable[[RunConfig], Method], metric: str, cfg: RunConfig, train_part: list[Example],
                 held_out: list[Example]) -> float:
-    """One cross-validation trial: a fresh model trained on ``train_part``, scored on ``held_out``
-    with the selection metric (no learning curve: it would read the eval sets). The held-out
-    examples are taken out of the train pool too (distillation from the pool must not train on
-    the inputs it is scored on)."""
-    trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every_epoch": False})})
-    method = build(trial)
+    """One cross-validation trial alone: a fresh model trained on ``train_part``, scored on
+    ``held_out`` with the selection metric (no learning curve: it would read the eval sets). The
+    held-out examples are taken out of the train pool too (distillation from the pool must not
+    train on the inputs it is scored on). ``run.trial_pack`` does the same for a pack of trials."""
+    method = build(without_curve(cfg))
     held = {e.id for e in held_out}
     method.ctx.train_pool = [e for e in method.ctx.train_pool if e.id not in held]
     torch.manual_seed(cfg.model_seed)
     method.fit(train_part)
-    p = method.predict(held_out).keyed([e.id for e in held_out])
-    gold, keep = np.array([e.label for e in held_out]), ~p.skipped
-    if metric == "mcc":  # undefined (NaN) on a single-class fold: count it as no correlation
-        return float(np.nan_to_num(mcc(gold[keep], p.pred[keep], method.ctx.task.num_labels), nan=0.0))
-    return accuracy(gold[keep], p.pred[keep])
-
-
-def _clip_context(cfg: RunConfig, max_positions: int | None) -> RunConfig:
-    if max_positions and cfg.max_context > max_positions:
-        return cfg.model_copy(update={"max_context": max_positions})
-    return cfg
+    return held_out_score(method, held_out, metric)
 
 
 def _train_block(summary: dict | None) -> dict | None:

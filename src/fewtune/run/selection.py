@@ -22,6 +22,12 @@ optimizer steps per example the final fit takes (``epochs`` already does that).
 
 Cost: candidates × folds extra trainings on (k−1)/k of the sample, before the final one. Every
 score, the choice and the time are recorded in ``metrics.json`` under ``selection``.
+
+How the trials run: ``select_values`` builds the trials (candidate × fold, in that order) and
+hands them all to a batch scorer (``score_all``), or to a per-trial ``scorer`` one by one
+(``one_by_one``); the choice and the record do not depend on which. The runner scores the trials
+of a packable method (LoRA) on a GPU as one pack on one loaded base (``run.trial_pack``) — the
+same scores as one by one, hence the same choice and run id — and everything else one by one.
 """
 
 from __future__ import annotations
@@ -38,14 +44,19 @@ from sklearn.model_selection import StratifiedKFold
 
 from fewtune.config import RunConfig, validate
 from fewtune.errors import ConfigError, TrainingDiverged
-from fewtune.methods import METHODS
+from fewtune.methods import METHODS, Method
 from fewtune.overrides import set_path
+from fewtune.stats.metrics import accuracy, mcc
 from fewtune.tasks.base import Example
 
 TUNABLE = ("train", "params")
 MIN_FOLD_EXAMPLES = 8  # held-out examples per fold below which fold scores are too coarse to choose
 FoldScorer = Callable[[RunConfig, list[Example], list[Example]], float]
 """``scorer(config, train_part, held_out)`` → the selection metric on ``held_out``."""
+Trial = tuple[RunConfig, list[Example], list[Example]]
+"""One trial: (the trial's config, ``fold_trial``-scaled; its training part; its held-out fold)."""
+BatchScorer = Callable[[list[Trial]], list["float | None"]]
+"""``score_all(trials)`` → each trial's selection metric, in order; None where it diverged."""
 
 
 def candidate_grid(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -64,6 +75,11 @@ def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     params = validate(METHODS.get(cfg.method).Params, data.get("params"), where=f"params of {where}")
     data["params"] = params.model_dump(mode="json")
     return validate(RunConfig, data, where=where).model_copy(update={"identity": cfg.identity})
+
+
+def without_curve(trial: RunConfig) -> RunConfig:
+    """What a trial trains: no learning curve (it would read the eval sets)."""
+    return trial.model_copy(update={"train": trial.train.model_copy(update={"eval_every_epoch": False})})
 
 
 def resolved_values(trial: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
@@ -136,32 +152,56 @@ def fold_size_warning(cfg: RunConfig, sample: Sequence[Example]) -> str | None:
             "candidates will mostly tie and the first listed wins (recorded as decided: false)")
 
 
-def select_values(cfg: RunConfig, sample: Sequence[Example], scorer: FoldScorer) -> tuple[dict[str, Any], dict]:
-    """Cross-validate every candidate; return the chosen values and the record for metrics.json."""
-    assert cfg.select is not None
+def select_values(cfg: RunConfig, sample: Sequence[Example], scorer: FoldScorer | None = None, *,
+                  score_all: BatchScorer | None = None) -> tuple[dict[str, Any], dict]:
+    """Cross-validate every candidate; return the chosen values and the record for metrics.json.
+    The trials are scored by ``score_all`` (all at once: a pack) or else one by one by ``scorer``;
+    either way the same trials, in the same order, with the same record."""
+    assert cfg.select is not None and (scorer is None) != (score_all is None)
     t0 = time.perf_counter()
     splits = folds(sample, cfg.select.folds, cfg.seed)
-    trials = []
+    grid = []
     for values in candidate_grid(cfg):
         trial = with_values(cfg, values)
-        values = resolved_values(trial, values)  # as the trial uses them ("1e-5" from YAML → 1e-05)
-        scores: list[float | None] = []
-        for train_part, held_out in splits:
-            try:
-                scores.append(float(scorer(fold_trial(trial, len(train_part), len(sample)), train_part, held_out)))
-            except TrainingDiverged:
-                scores.append(None)  # a candidate that diverges on a fold scores nothing there
-        trials.append(_trial_record(values, scores))
+        grid.append((trial, resolved_values(trial, values)))  # as the trial uses them ("1e-5" from YAML → 1e-05)
+    jobs = [(fold_trial(trial, len(train_part), len(sample)), train_part, held_out)
+            for trial, _ in grid for train_part, held_out in splits]
+    scores = (score_all or one_by_one(scorer))(jobs)  # type: ignore[arg-type]
+    k = len(splits)
+    trials = [_trial_record(values, scores[i * k:(i + 1) * k]) for i, (_, values) in enumerate(grid)]
     best = max(trials, key=lambda t: t["_mean"])  # max keeps the first of equal means
     if math.isinf(best["_mean"]):
         raise TrainingDiverged("every candidate of 'select' diverged on at least one fold", None)
     decided, margin, margin_se = _decided(best, trials)
-    record = {"rule": "kfold", "k": len(splits), "metric": cfg.select.metric, "seed": cfg.seed,
+    record = {"rule": "kfold", "k": k, "metric": cfg.select.metric, "seed": cfg.seed,
               "held_out_per_fold": min(len(h) for _, h in splits),
               "candidates": [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials],
               "chosen": best["values"], "decided": decided, "margin": margin, "margin_se": margin_se,
               "seconds": round(time.perf_counter() - t0, 3)}
     return best["values"], record
+
+
+def one_by_one(scorer: FoldScorer) -> BatchScorer:
+    """``scorer`` applied to each trial in turn; a trial that diverges scores None."""
+    def score_all(jobs: list[Trial]) -> list[float | None]:
+        scores: list[float | None] = []
+        for trial, train_part, held_out in jobs:
+            try:
+                scores.append(float(scorer(trial, train_part, held_out)))
+            except TrainingDiverged:
+                scores.append(None)  # a candidate that diverges on a fold scores nothing there
+        return scores
+    return score_all
+
+
+def held_out_score(method: Method, held_out: list[Example], metric: str) -> float:
+    """A trained trial's selection metric on its held-out fold (the lone and the packed trials
+    alike); examples too long for the context are left out."""
+    p = method.predict(held_out).keyed([e.id for e in held_out])
+    gold, keep = np.array([e.label for e in held_out]), ~p.skipped
+    if metric == "mcc":  # undefined (NaN) on a single-class fold: count it as no correlation
+        return float(np.nan_to_num(mcc(gold[keep], p.pred[keep], method.ctx.task.num_labels), nan=0.0))
+    return accuracy(gold[keep], p.pred[keep])
 
 
 def _trial_record(values: dict[str, Any], scores: list[float | None]) -> dict:
