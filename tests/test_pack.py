@@ -181,7 +181,7 @@ def test_packed_method_members_equal_their_lone_runs(method: str, tmp_path: Path
 def test_a_member_failing_after_its_preparation_leaves_the_base_as_loaded(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
     """A BitFit member that fails once its zero biases are added (here: copying its pieces) fails
     alone, and the next member still finds the base its lone run finds."""
-    import fewtune.run.pack as pack_mod
+    import fewtune.run.pack_engine as pack_mod
     from fewtune.run.runner import run_experiment
 
     real, calls = pack_mod.member_pieces, []
