@@ -9,7 +9,8 @@
 #   2. bench9       bench/bench_prefix_kernels.py: the prefix-cache kernels (fp32, SDPA, split) vs
 #                   naive scoring, on a model of the embedded model's architecture (SmolLM2-135M)
 #                   with random weights (its 94 MB GGUF cannot be carried; the tokenizer is)
-#   3. pack_bench   bench/bench_pack.py --smoke --device cuda, if that file exists
+#   3. pack_bench   bench/bench_pack.py --smoke --device cuda, if that file exists; then
+#      select_pack_bench: bench/bench_select_pack.py --smoke --device cuda (a run's select: trials packed)
 #   4. lora_1b      a ~1.1B Llama (TinyLlama-1.1B's config) built from a config with random
 #                   weights in bf16, LoRA (peft) + gradient checkpointing, a few optimizer steps:
 #                   step time, tokens/s, peak allocated and reserved memory
@@ -97,6 +98,9 @@ fi
 if [ ! -f bench/bench_pack.py ]; then skip pack_bench "bench/bench_pack.py not present"
 elif [ "$SMOKE" = 1 ]; then skip pack_bench "cpu smoke: the pack bench runs on the GPU only here"
 else step pack_bench 150 "$PY" bench/bench_pack.py --smoke --device cuda
+fi
+if [ "$SMOKE" = 1 ]; then skip select_pack_bench "cpu smoke: the select-trials pack bench runs on the GPU only here"
+else step select_pack_bench 120 "$PY" bench/bench_select_pack.py --smoke --device cuda
 fi
 
 step lora_1b 90 "$PY" - "$WORK/lora_1b.json" "$SMOKE" <<'PY'

@@ -1,8 +1,8 @@
 """A run's ``select:`` trials trained as packs: one base load, the trials as members.
 
 The trials of one run (candidates × folds: ``paper-tuned``'s 3 learning rates × 4 folds = 12
-LoRA trainings) share model, task and frozen base, so where the method is packable and every
-trial passes ``pack_key`` they train together through the pack engine (``run.pack_engine``),
+LoRA trainings; DoRA, IA³ and BitFit trials likewise) share model, task and frozen base, so
+where the method is packable and every trial passes ``pack_key`` they train together through the pack engine (``run.pack_engine``),
 each prepared exactly as ``runner._fold_score`` prepares it alone (a fresh method on the base,
 the held-out fold taken out of the train pool, trained on its training part), and each is scored
 on its held-out fold the moment it finishes with the same ``selection.held_out_score``. A trial
@@ -10,11 +10,11 @@ that diverges scores None, as alone; one that fails otherwise fails the run, as 
 
 Packing decides how, never what: the same scores, choice and run id (``FEWTUNE_SELECT_PACK`` is
 not part of the run). It is automatic on a CUDA device, where a lone trial of a small model
-leaves the device mostly idle, and off on a CPU, where training is compute-bound and a pack
-gains nothing: measured (``bench/bench_select_pack.py``, embedded model, 1 thread) 1.2–1.3× the
-one-by-one selection time and 4.2–4.4× the peak memory for 12 trials. Memory is one base plus K
-adapters, their optimizer states and K micro-batches of activations, instead of one base and
-one of each. ``FEWTUNE_SELECT_PACK=K`` (K ≥ 2) packs at most K trials at a time on any device,
+leaves the device mostly idle, and off on a CPU, where training is compute-bound, a pack runs
+one trial per pass and gains little: measured (``bench/bench_select_pack.py``, embedded model,
+1 thread, 12 trials) 0.96× the one-by-one selection time at 1.15× the peak memory. Memory is one
+base plus K adapters and their optimizer states, and one (CPU) or K (accelerator) micro-batches
+of activations, instead of one base and one of each. ``FEWTUNE_SELECT_PACK=K`` (K ≥ 2) packs at most K trials at a time on any device,
 ``1`` (or ``0``/``off``) runs them one by one. A pack that runs out of GPU memory is given up
 and its trials are scored one by one (same scores, slower).
 """
