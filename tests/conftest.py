@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell's background job (``pytest … &`` without job control) starts with SIGINT ignored, and
+# every process it starts inherits that: the Ctrl-C tests would wait forever for an interrupt
+# that never comes. Give this process (and so the processes it starts) the default handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 

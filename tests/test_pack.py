@@ -198,3 +198,15 @@ def test_a_member_failing_after_its_preparation_leaves_the_base_as_loaded(tmp_pa
     assert isinstance(res[0], RuntimeError) and isinstance(res[1], dict)
     lone = run_experiment(cfgs[1], tmp_path / "a1", data_dir=data_dir).metrics
     assert res[1]["method_info"] == lone["method_info"] and _eval(tmp_path / "p1") == _eval(tmp_path / "a1")
+
+
+def test_members_share_the_eval_sets_they_have_in_common_only(tmp_path: Path, data_dir: Path) -> None:
+    """Eval sets are read once per pack and shared by members that ask for the same ones; a
+    member with another eval limit or eval seed gets its own, as alone."""
+    from fewtune.run.runner import run_experiment
+
+    a, b, c = _cfg(0), _cfg(1).model_copy(update={"eval_limit": 8}), _cfg(2).model_copy(update={"eval_seed": 7})
+    run_pack([a, b, c], [tmp_path / "p0", tmp_path / "p1", tmp_path / "p2"], data_dir=data_dir)
+    for i, cfg in enumerate((a, b, c)):
+        run_experiment(cfg, tmp_path / f"a{i}", data_dir=data_dir)
+        assert _eval(tmp_path / f"p{i}") == _eval(tmp_path / f"a{i}")

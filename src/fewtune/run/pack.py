@@ -83,8 +83,8 @@ def _run_slots(slots: list[_Slot], data_dir: Path | None, progress, members_per_
             s.result = _outcome(lambda s=s: run_experiment(s.cfg, s.out_dir, data_dir=data_dir, progress=progress).metrics)
         return
     routing = Routing()
-    pools: dict[str, list] = {}
-    members = prepare_members(slots, lm, meter, routing, dev, lambda s: _build(s, lm, dev, pools, data_dir, progress))
+    loaded: dict[tuple, Any] = {}
+    members = prepare_members(slots, lm, meter, routing, dev, lambda s: _build(s, lm, dev, loaded, data_dir, progress))
     prepare_s = time.time() - t0
     k = len(slots)
     t_train = time.time()
@@ -102,16 +102,23 @@ def _run_slots(slots: list[_Slot], data_dir: Path | None, progress, members_per_
         train_members(slots, members, lm, routing, dev, on_done, members_per_pass)
 
 
-def _build(s: _Slot, lm, dev: torch.device, pools: dict[str, list], data_dir: Path | None, progress) -> None:
-    """A member run's sample, eval sets and method on the shared base, as its lone run's."""
+def _build(s: _Slot, lm, dev: torch.device, loaded: dict[tuple, Any], data_dir: Path | None, progress) -> None:
+    """A member run's sample, eval sets and method on the shared base, as its lone run's. The
+    task's train pool and eval sets are read once per pack (``loaded``; HANS alone is 30,000
+    examples) and shared read-only by the members that ask for the same ones."""
     task = get_task(s.cfg.task)
-    if task.name not in pools:
-        pools[task.name] = load_train(task, data_dir)
-    pool = pools[task.name]
+    pool = _once(loaded, ("train", task.name), lambda: load_train(task, data_dir))
     s.sample = few_shot_sample(pool, s.cfg.n, s.cfg.seed, task.num_labels, per_class=not s.cfg.n_is_total)
     s.examples = s.sample.examples
-    s.evals = load_eval_sets(task, s.cfg, data_dir)
+    eval_key = ("eval", task.name, tuple(s.cfg.eval_sets or ()), s.cfg.eval_limit, s.cfg.eval_seed)
+    s.evals = _once(loaded, eval_key, lambda: load_eval_sets(task, s.cfg, data_dir))
     s.method = make_method(s.cfg, task, task.pattern(s.cfg.pattern), dev, s.meter, pool, data_dir, progress, lm=lm)
+
+
+def _once(loaded: dict[tuple, Any], key: tuple, load: Callable[[], Any]) -> Any:
+    if key not in loaded:
+        loaded[key] = load()
+    return loaded[key]
 
 
 def _finish(s: _Slot, run: MemberRun, extra: dict, progress) -> dict:
